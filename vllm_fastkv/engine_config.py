@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
+from vllm_fastkv import __version__
 from vllm_fastkv.config import ADDITIONAL_CONFIG_KEY, FastKVConfig
 
 if TYPE_CHECKING:
@@ -32,6 +33,12 @@ def validate_engine_config(vllm_config: VllmConfig) -> FastKVConfig:
         settings = settings.resolved_for_model(num_layers)
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = settings.model_dump()
     logger.info("FastKV settings: %s", settings.model_dump_json())
+    if settings.compresses:
+        logger.warning(
+            "FastKV KV retention and token-selective propagation are not implemented in "
+            "vllm-fastkv %s yet: serving with the full KV cache.",
+            __version__,
+        )
     return settings
 
 

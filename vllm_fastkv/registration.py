@@ -16,12 +16,16 @@ Three more seams are needed, each kept as small as possible:
   returns ``CPU_ATTN``; we let an explicit ``FASTKV`` request through.
 * start-up validation: the platform's ``check_and_update_config`` hook runs while
   the engine config is built, in the front-end process. We validate the FastKV
-  settings there, so a bad value fails before any engine process starts.
+  settings there, so a bad value fails before any engine process starts. If that
+  error ends the program (``vllm serve``), it is printed as one line naming the
+  field rather than as a traceback through vLLM's server start-up.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -105,7 +109,44 @@ def _patch_platform() -> None:
         platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
 
+def _fastkv_config_error(exc: BaseException) -> BaseException | None:
+    """The FastKVConfigError behind ``exc`` (pydantic wraps errors raised in validators)."""
+    from pydantic import ValidationError
+
+    from vllm_fastkv.config import FastKVConfigError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, FastKVConfigError):
+            return exc
+        if isinstance(exc, ValidationError):
+            for err in exc.errors():
+                inner = (err.get("ctx") or {}).get("error")
+                if isinstance(inner, FastKVConfigError):
+                    return inner
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@functools.cache
+def _install_excepthook() -> None:
+    previous = sys.excepthook
+
+    def excepthook(
+        exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
+        config_error = _fastkv_config_error(exc)
+        if config_error is None:
+            previous(exc_type, exc, tb)
+            return
+        print(f"error: {config_error}", file=sys.stderr)
+
+    sys.excepthook = excepthook
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point; idempotent, runs in every vLLM process."""
     _register_enum_member()
     _patch_platform()
+    _install_excepthook()

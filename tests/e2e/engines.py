@@ -1,0 +1,44 @@
+"""Helpers to run vLLM engines and servers as subprocesses from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e.generate_worker import RESULT_PREFIX
+
+WORKER = Path(__file__).with_name("generate_worker.py")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def generate(
+    model: Path, prompts: list[list[int]], max_tokens: int, timeout: float = 600, **engine
+) -> dict:
+    """Greedy-generate in a fresh process; returns {"tokens": [...], "backends": [...]}."""
+    spec = {"model": str(model), "engine": engine, "prompts": prompts, "max_tokens": max_tokens}
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise AssertionError(
+        f"engine failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_command() -> str:
+    """The `vllm` console script of the interpreter running the tests."""
+    return str(Path(sys.executable).with_name("vllm"))
