@@ -1,0 +1,29 @@
+"""Plain-torch FastKV reference: the accuracy oracle for the vLLM implementation.
+
+* :mod:`~vllm_fastkv.reference.scoring`: scoring and selection math on dense tensors.
+* :mod:`~vllm_fastkv.reference.fastkv`: layer-by-layer prefill with KV retention and
+  token-selective propagation, plus greedy decoding, over HF transformers models.
+* :mod:`~vllm_fastkv.reference.tasks`: seeded long-context retrieval tasks and scoring.
+
+Importing this package needs torch only; transformers models are passed in.
+"""
+
+from vllm_fastkv.reference.fastkv import (
+    LayerKV,
+    Policy,
+    PrefillResult,
+    fastkv_prefill,
+    generate,
+    greedy_decode,
+    resolve_tsp_layer,
+)
+
+__all__ = [
+    "LayerKV",
+    "Policy",
+    "PrefillResult",
+    "fastkv_prefill",
+    "generate",
+    "greedy_decode",
+    "resolve_tsp_layer",
+]
