@@ -39,6 +39,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def vllm_command() -> str:
-    """The `vllm` console script of the interpreter running the tests."""
-    return str(Path(sys.executable).with_name("vllm"))
+def vllm_command() -> list[str]:
+    """The `vllm` command of the interpreter running the tests.
+
+    Its console script when installed next to the interpreter (what users type);
+    otherwise the same entry point as a module (installs made with `pip --target`).
+    """
+    script = Path(sys.executable).with_name("vllm")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]

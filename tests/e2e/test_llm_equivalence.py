@@ -50,7 +50,8 @@ def test_fastkv_matches_default_backend(request, model_fixture, fastkv_settings,
         **engine,
     )
 
-    assert stock["backends"] == ["CPU_ATTN"]
+    # The stock engine runs whatever vLLM picks here (CPU_ATTN on CPUs).
+    assert len(stock["backends"]) == 1 and stock["backends"] != ["FASTKV"]
     assert fastkv["backends"] == ["FASTKV"]
     assert [len(t) for t in fastkv["tokens"]] == [24] * len(prompts)
     assert fastkv["tokens"] == stock["tokens"]

@@ -22,7 +22,7 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [
-        vllm_command(), "serve", str(tiny_llama),
+        *vllm_command(), "serve", str(tiny_llama),
         "--attention-backend", "FASTKV",
         "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", "1024", "--enforce-eager",
@@ -114,7 +114,7 @@ def test_chat_completion_and_stream(client: OpenAI):
 )
 def test_bad_config_stops_startup(tiny_llama: Path, extra_args, env, field):
     cmd = [
-        vllm_command(), "serve", str(tiny_llama), "--attention-backend", "FASTKV",
+        *vllm_command(), "serve", str(tiny_llama), "--attention-backend", "FASTKV",
         "--host", "127.0.0.1", "--port", str(free_port()), *extra_args,
     ]
     proc = subprocess.run(

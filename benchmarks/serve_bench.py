@@ -1,0 +1,269 @@
+"""Stock vLLM vs FASTKV on one GPU: TTFT, decode TPOT/throughput, KV blocks, concurrency.
+
+Each backend runs in a fresh process (``--worker``) on the same model config with
+``load_format="dummy"``; the driver runs them back to back, so both are measured in one
+run on one machine, and writes one JSON record per measurement.
+
+    python benchmarks/serve_bench.py --backends FLASH_ATTN FASTKV \
+        --fastkv '{"retain_rate": 0.1, "tsp_rate": 0.2}' --out results.json
+
+Method (wall clock around ``LLM.generate``, after a warm-up; fresh random token-id
+prompts for every measurement, so prefix caching never hides prefill):
+- TTFT: median over ``--reps`` of ``generate(prompt, max_tokens=1)`` at batch 1.
+- decode: for batch B, ``t1 = generate(B prompts, max_tokens=1)`` and
+  ``tN = generate(B other prompts, max_tokens=1 + N)``; TPOT = (tN - t1) / N and
+  output throughput = B * N / (tN - t1).
+- KV blocks: the scheduler's free-block count is read after every scheduling step;
+  peak use = total - minimum free. max_concurrent = requests of (prompt + output)
+  tokens that the KV pool holds, from the number of blocks the engine allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULT_PREFIX = "BENCH_RECORD "
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+#: A few-layer model of the same family, to check the harness itself on a CPU.
+SMOKE = {**LLAMA_31_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+         "torch_dtype": "float32"}
+SHAPES = {"llama-3.1-8b": LLAMA_31_8B, "smoke": SMOKE}
+
+
+def write_model_config(path: Path, shape: str) -> Path:
+    """A model directory holding only config.json (weights are dummy)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(SHAPES[shape], indent=1))
+    return path
+
+
+# --------------------------------------------------------------------------- worker
+class _BlockWatcher:
+    """Records the scheduler's minimum free KV blocks (in-process engine only)."""
+
+    def __init__(self, llm) -> None:
+        core = llm.llm_engine.engine_core.engine_core
+        self.pool = core.scheduler.kv_cache_manager.block_pool
+        self.total = self.pool.num_gpu_blocks
+        self.min_free = self.pool.get_num_free_blocks()
+        schedule = core.scheduler.schedule
+
+        def watched_schedule(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            self.min_free = min(self.min_free, self.pool.get_num_free_blocks())
+            return out
+
+        core.scheduler.schedule = watched_schedule
+
+    def reset(self) -> None:
+        self.min_free = self.pool.get_num_free_blocks()
+
+    @property
+    def peak_used(self) -> int:
+        return self.total - self.min_free
+
+
+def _prompts(rng, batch: int, length: int, vocab: int) -> list:
+    from vllm.inputs import TokensPrompt
+
+    return [
+        TokensPrompt(prompt_token_ids=rng.integers(1000, vocab - 1000, length).tolist())
+        for _ in range(batch)
+    ]
+
+
+def _timed(llm, prompts, max_tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+    return elapsed
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import numpy as np
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    shape = SHAPES[args.shape]
+    engine = dict(
+        model=str(write_model_config(Path(args.model_dir) / args.shape, args.shape)),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype=shape["torch_dtype"],
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.backend,
+        seed=0,
+    )
+    if args.backend == "FASTKV":
+        engine["additional_config"] = {"fastkv": json.loads(args.fastkv)}
+    t0 = time.perf_counter()
+    llm = LLM(**engine)
+    startup_s = time.perf_counter() - t0
+    watcher = _BlockWatcher(llm)
+    cache = llm.llm_engine.vllm_config.cache_config
+    block_size = cache.block_size
+    vocab = shape["vocab_size"]
+    rng = np.random.default_rng(1234)
+
+    base = {
+        "date": datetime.date.today().isoformat(),
+        "device": current_platform.get_device_name(),
+        "git_commit": args.git_commit,
+        "backend": args.backend,
+        "fastkv": json.loads(args.fastkv) if args.backend == "FASTKV" else None,
+        "model": f"{args.shape}-shape-dummy",
+        "kv_cache_blocks": watcher.total,
+        "block_size": block_size,
+        "engine_startup_s": round(startup_s, 1),
+    }
+
+    def emit(**record) -> None:
+        print(RESULT_PREFIX + json.dumps({**base, **record}), flush=True)
+
+    # Warm-up: compile paths for prefill and decode shapes.
+    _timed(llm, _prompts(rng, 2, min(2048, args.max_model_len // 2), vocab), 8)
+
+    for prompt_len in args.ttft_lens:
+        if prompt_len + 1 > args.max_model_len:
+            continue
+        times = []
+        watcher.reset()
+        for _ in range(args.reps):
+            times.append(_timed(llm, _prompts(rng, 1, prompt_len, vocab), 1))
+        emit(
+            kind="ttft", prompt_len=prompt_len, batch=1,
+            ttft_ms=round(1000 * statistics.median(times), 2),
+            ttft_all_ms=[round(1000 * t, 2) for t in times],
+            peak_kv_blocks=watcher.peak_used,
+        )
+
+    n = args.decode_tokens
+    for prompt_len in args.decode_lens:
+        per_request_blocks = -(-(prompt_len + 1 + n) // block_size)
+        for batch in args.batches:
+            if batch * per_request_blocks > watcher.total:
+                emit(kind="decode", prompt_len=prompt_len, batch=batch, skipped="exceeds KV pool")
+                continue
+            t_prefill = _timed(llm, _prompts(rng, batch, prompt_len, vocab), 1)
+            watcher.reset()
+            t_full = _timed(llm, _prompts(rng, batch, prompt_len, vocab), 1 + n)
+            decode_s = max(t_full - t_prefill, 1e-9)
+            emit(
+                kind="decode", prompt_len=prompt_len, batch=batch, output_tokens=n,
+                tpot_ms=round(1000 * decode_s / n, 3),
+                output_tok_s=round(batch * n / decode_s, 1),
+                prefill_s=round(t_prefill, 3), total_s=round(t_full, 3),
+                peak_kv_blocks=watcher.peak_used,
+                max_concurrent=watcher.total // per_request_blocks,
+            )
+
+
+# --------------------------------------------------------------------------- driver
+def run_driver(args: argparse.Namespace) -> None:
+    records = []
+    out = Path(args.out)
+    for backend in args.backends:
+        cmd = [sys.executable, __file__, "--worker", "--backend", backend]
+        for key in ("shape", "model_dir", "max_model_len", "gpu_memory_utilization", "reps",
+                    "decode_tokens", "fastkv", "git_commit"):
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        for key in ("ttft_lens", "decode_lens", "batches"):
+            cmd += [f"--{key.replace('_', '-')}", *map(str, getattr(args, key))]
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        print(f"== {backend}: {' '.join(cmd)}", flush=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                record = json.loads(line[len(RESULT_PREFIX):])
+                records.append(record)
+                out.write_text(json.dumps(records, indent=1))
+                print(json.dumps(record), flush=True)
+            elif args.verbose or "Error" in line or "error" in line:
+                print(line, end="", flush=True)
+        if proc.wait() != 0:
+            print(f"== {backend} worker exited with {proc.returncode}", flush=True)
+    _print_table(records)
+
+
+def _print_table(records: list[dict]) -> None:
+    print(f"{'backend':<11} {'kind':<6} {'prompt':>7} {'batch':>5} {'ttft_ms':>9} "
+          f"{'tpot_ms':>8} {'tok/s':>8} {'peak_blk':>8} {'max_conc':>8}")
+    for r in records:
+        print(f"{r['backend']:<11} {r['kind']:<6} {r['prompt_len']:>7} {r['batch']:>5} "
+              f"{r.get('ttft_ms', ''):>9} {r.get('tpot_ms', r.get('skipped', '')):>8} "
+              f"{r.get('output_tok_s', ''):>8} {r.get('peak_kv_blocks', ''):>8} "
+              f"{r.get('max_concurrent', ''):>8}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="FASTKV")
+    parser.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "FASTKV"])
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    parser.add_argument("--model-dir", default="/tmp/fastkv-bench-models")
+    parser.add_argument("--max-model-len", type=int, default=131072)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--ttft-lens", type=int, nargs="+", default=[8192, 32768, 131000])
+    parser.add_argument("--decode-lens", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--fastkv", default='{"tsp_rate": 0.2, "retain_rate": 0.1}',
+                        help="FastKV settings (JSON) for the FASTKV backend")
+    parser.add_argument("--git-commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    parser.add_argument("--out", default="bench_results.json")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args)
+    else:
+        run_driver(args)
+
+
+if __name__ == "__main__":
+    main()
