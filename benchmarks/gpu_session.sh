@@ -21,10 +21,11 @@ for stage in $stages; do
   echo "=== stage $stage $(date -u +%H:%M:%S)"
   case $stage in
     tests)
-      python3 -m pytest tests/e2e tests/kernels -q -x -p no:cacheprovider \
+      python3 -m pytest tests/e2e $( [ -d tests/kernels ] && echo tests/kernels ) -q -p no:cacheprovider \
         --junitxml="$res/pytest-gpu.xml" 2>&1 | tail -40 | tee "$res/pytest-gpu.log"
       ;;
     kernels)
+      [ -f benchmarks/bench_kernels.py ] || { echo "no kernel benchmark"; continue; }
       python3 benchmarks/bench_kernels.py --out "$res/kernels.json" 2>&1 | tail -40 | tee "$res/kernels.log"
       ;;
     bench)
