@@ -58,6 +58,6 @@ def test_cpu_platform_honours_an_explicit_fastkv_request():
         head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=16
     )
     path = current_platform.get_attn_backend_cls(AttentionBackendEnum.FASTKV, selector)
-    assert path == "vllm_fastkv.attention_backend.FastKVAttentionBackend"
+    assert path == "vllm_fastkv.attention_backend.FastKVCPUAttentionBackend"
     stock = current_platform.get_attn_backend_cls(None, selector)
     assert stock == AttentionBackendEnum.CPU_ATTN.get_path()

@@ -1,20 +1,20 @@
-"""The FASTKV attention backend.
+"""The FASTKV attention backends.
 
-Attention itself is vLLM's Triton attention on GPUs (``TritonAttentionBackend``:
-same paged layout, same kernels, CUDA-graph support) and plain torch on CPUs
-(:mod:`vllm_fastkv.torch_paged_attention`), over one KV-cache layout on both, so
-every FastKV mechanism that reads or rewrites the cache is shared by the two paths.
+Attention itself is vLLM's own on GPUs: ``FastKVAttentionBackend`` is vLLM's
+FlashAttention backend (FlashAttention-3 on Hopper), so prefill and decode run the
+same kernels as stock vLLM and, with compression off, produce the same tokens. On
+CPUs, ``FastKVCPUAttentionBackend`` runs plain torch paged attention
+(:mod:`vllm_fastkv.torch_paged_attention`). Both use vLLM's logical KV-cache shape
+``(num_blocks, num_kv_heads, block_size, 2 * head_size)``, so the FastKV mechanisms
+that read or rewrite the cache are shared by the two.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
-from vllm.config.cache import CacheDType
-from vllm.platforms import current_platform
 from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.attention.backend import AttentionLayer, AttentionType
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
     TritonAttentionImpl,
@@ -25,25 +25,12 @@ from vllm_fastkv.registration import BACKEND_NAME
 from vllm_fastkv.torch_paged_attention import paged_attention, split_kv_cache, write_paged_kv
 
 
-class FastKVAttentionBackend(TritonAttentionBackend):
-    """Decoder attention over vLLM's paged cache, with FastKV's KV selection."""
-
-    supported_kv_cache_dtypes: ClassVar[list[CacheDType]] = [
-        "auto",
-        "float16",
-        "bfloat16",
-        "fp8",
-        "fp8_e4m3",
-        "fp8_e5m2",
-    ]
+class _FastKVBackendTraits:
+    """What FastKV supports on top of the attention it builds on."""
 
     @staticmethod
     def get_name() -> str:
         return BACKEND_NAME
-
-    @staticmethod
-    def get_impl_cls() -> type[FastKVAttentionImpl]:
-        return FastKVAttentionImpl
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -63,20 +50,32 @@ class FastKVAttentionBackend(TritonAttentionBackend):
         return False
 
 
-class FastKVAttentionImpl(TritonAttentionImpl):
-    """Triton attention on CUDA; the torch path of the same layout elsewhere."""
+class FastKVAttentionBackend(_FastKVBackendTraits, FlashAttentionBackend):
+    """FASTKV on CUDA GPUs: vLLM's FlashAttention, plus FastKV's KV selection."""
+
+
+class FastKVCPUAttentionBackend(_FastKVBackendTraits, TritonAttentionBackend):
+    """FASTKV on CPUs: torch paged attention over the same cache layout."""
+
+    supported_kv_cache_dtypes = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_impl_cls() -> type[FastKVCPUAttentionImpl]:
+        return FastKVCPUAttentionImpl
+
+
+class FastKVCPUAttentionImpl(TritonAttentionImpl):
+    """Torch attention and cache writes; metadata comes from the Triton builder."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.use_torch_path = not current_platform.is_cuda_alike()
-        if self.use_torch_path:
-            if is_quantized_kv_cache(self.kv_cache_dtype):
-                raise ValueError(
-                    "FASTKV on CPU supports unquantized KV caches only "
-                    f"(got --kv-cache-dtype {self.kv_cache_dtype})"
-                )
-            if self.alibi_slopes is not None:
-                raise ValueError("FASTKV on CPU does not support ALiBi models")
+        if is_quantized_kv_cache(self.kv_cache_dtype):
+            raise ValueError(
+                "FASTKV on CPU supports unquantized KV caches only "
+                f"(got --kv-cache-dtype {self.kv_cache_dtype})"
+            )
+        if self.alibi_slopes is not None:
+            raise ValueError("FASTKV on CPU does not support ALiBi models")
 
     def forward(
         self,
@@ -90,11 +89,6 @@ class FastKVAttentionImpl(TritonAttentionImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if not self.use_torch_path:
-            return super().forward(
-                layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale, output_block_scale,
-            )
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("FASTKV on CPU does not fuse output quantization")
         if attn_metadata is None:
@@ -123,8 +117,5 @@ class FastKVAttentionImpl(TritonAttentionImpl):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        if not self.use_torch_path:
-            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-            return
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         write_paged_kv(key, value, key_cache, value_cache, slot_mapping)

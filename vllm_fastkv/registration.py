@@ -38,6 +38,7 @@ logger = init_logger(f"vllm.{__name__}")
 
 BACKEND_NAME = "FASTKV"
 BACKEND_PATH = "vllm_fastkv.attention_backend.FastKVAttentionBackend"
+CPU_BACKEND_PATH = "vllm_fastkv.attention_backend.FastKVCPUAttentionBackend"
 
 
 def backend_member(name: str = BACKEND_NAME) -> AttentionBackendEnum:
@@ -103,7 +104,7 @@ def _patch_platform() -> None:
         ) -> str:
             if selected_backend is not None and selected_backend.name == BACKEND_NAME:
                 logger.info_once("Using FASTKV attention backend (torch paged attention on CPU).")
-                return selected_backend.get_path()
+                return CPU_BACKEND_PATH
             return select(cls, selected_backend, *args, **kwargs)
 
         platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)

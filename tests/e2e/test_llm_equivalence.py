@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from tests.e2e.engines import generate
 
@@ -15,7 +16,9 @@ ENGINE = dict(
     max_model_len=1024,
     max_num_batched_tokens=CHUNK,
     enable_chunked_prefill=True,
-    dtype="float32",
+    # fp32 on CPUs; FlashAttention (vLLM's default on GPUs, and FASTKV's base there)
+    # runs half precision only.
+    dtype="bfloat16" if torch.cuda.is_available() else "float32",
     seed=0,
 )
 

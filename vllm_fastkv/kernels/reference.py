@@ -1,0 +1,205 @@
+"""Plain-torch oracles for the FastKV kernels, on vLLM's paged KV cache.
+
+Every function here has the signature and semantics of its fast counterpart in
+:mod:`vllm_fastkv.kernels` (name without the ``_ref`` suffix). They are written for
+obviousness, not speed: a Python loop over sequences (and KV heads for scoring), a dense
+gather of each sequence's keys through its block table, softmax in fp32. Memory stays
+bounded by one sequence x one KV head, so they also check the fast paths at real sizes
+(128K tokens) on a GPU.
+
+Layout (vLLM 0.26): ``key_cache``/``value_cache`` are 4-D views
+``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides); token ``t`` of
+sequence ``s`` lives at block ``block_table[s, t // block_size]``, slot
+``t % block_size``. Query head ``q`` reads KV head ``q // (num_q_heads // num_kv_heads)``.
+
+The argument checks and output-shape rules at the top are shared with the fast paths, so
+both sides reject the same inputs and agree on padding widths.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Pooling = Literal["avg", "max"]
+
+
+def check_scoring_args(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    window: int,
+    pool_kernel: int,
+    pooling: str,
+) -> None:
+    """Raise ``ValueError`` on shapes or settings the scoring functions do not define."""
+    if query.dim() != 4 or key_cache.dim() != 4:
+        raise ValueError(
+            "query must be [num_seqs, window, num_q_heads, head_dim] and "
+            "key_cache [num_blocks, block_size, num_kv_heads, head_dim]"
+        )
+    num_seqs, q_window, num_q_heads, head_dim = query.shape
+    if q_window != window or window < 1:
+        raise ValueError(f"query holds {q_window} window queries, expected window={window} >= 1")
+    if key_cache.shape[-1] != head_dim:
+        raise ValueError(f"head_dim mismatch: query {head_dim}, key_cache {key_cache.shape[-1]}")
+    if num_q_heads % key_cache.shape[2]:
+        raise ValueError(
+            f"{num_q_heads} query heads do not group over {key_cache.shape[2]} KV heads"
+        )
+    if seq_lens.shape != (num_seqs,) or block_table.dim() != 2 or block_table.shape[0] < num_seqs:
+        raise ValueError("seq_lens must be [num_seqs] and block_table [>= num_seqs, max_blocks]")
+    if pool_kernel < 1 or pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be a positive odd number, got {pool_kernel}")
+    if pooling not in ("avg", "max"):
+        raise ValueError(f"pooling must be 'avg' or 'max', got {pooling!r}")
+
+
+def scored_width(seq_lens: torch.Tensor, window: int) -> int:
+    """Width of the score rows: tokens before the window of the longest sequence (>= 0)."""
+    if seq_lens.numel() == 0:
+        return 0
+    return max(int(seq_lens.max()) - window, 0)
+
+
+def kept_count(seq_len: int, budget: int, window: int) -> int:
+    """Tokens a sequence keeps: ``min(max(B, window), T)``.
+
+    A budget below the window is raised to it because the window is always kept (the same
+    clamp as :func:`vllm_fastkv.reference.scoring.token_budget`); a prompt no longer than
+    its budget keeps everything.
+    """
+    return min(max(budget, window), seq_len)
+
+
+def gather_tokens(
+    cache: torch.Tensor, block_table_row: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Rows ``[len(tokens), num_kv_heads, head_dim]`` of one sequence's logical ``tokens``."""
+    block_size = cache.shape[1]
+    tokens = tokens.long()
+    return cache[block_table_row.long()[tokens // block_size], tokens % block_size]
+
+
+def window_scores_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    window: int,
+    pool_kernel: int = 7,
+    pooling: Pooling = "avg",
+    k_scale: float = 1.0,
+) -> torch.Tensor:
+    """Pooled, GQA-summed attention mass of the window queries on each earlier token.
+
+    Returns fp32 ``[num_seqs, num_kv_heads, scored_width]``; entry ``[s, h, j]`` for
+    ``j < T_s - window`` scores token ``j``, the rest is ``-inf``. Window query ``i``
+    (position ``T - window + i``) sees keys ``0 .. T - window + i``. Pooling runs per
+    query head before the group sum, which matters for max pooling.
+    """
+    check_scoring_args(query, key_cache, block_table, seq_lens, window, pool_kernel, pooling)
+    num_seqs, _, num_q_heads, _ = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    width = scored_width(seq_lens, window)
+    out = torch.full((num_seqs, num_kv_heads, width), float("-inf"), device=query.device)
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        num_scored = seq_len - window
+        if num_scored <= 0:
+            continue
+        keys = gather_tokens(
+            key_cache, block_table[s], torch.arange(seq_len, device=key_cache.device)
+        )
+        visible = torch.ones(window, seq_len, dtype=torch.bool, device=query.device).tril(
+            num_scored
+        )
+        for h in range(num_kv_heads):
+            q = query[s, :, h * group : (h + 1) * group].float().transpose(0, 1)  # [G, w, d]
+            k = keys[:, h].float() * k_scale  # [T, d]
+            logits = torch.matmul(q, k.T) * scale
+            probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            mass = probs[..., :num_scored].sum(dim=1).unsqueeze(1)  # [G, 1, T - w]
+            pad = pool_kernel // 2
+            if pooling == "avg":
+                pooled = F.avg_pool1d(mass, pool_kernel, 1, pad, count_include_pad=True)
+            else:
+                pooled = F.max_pool1d(mass, pool_kernel, 1, pad)
+            out[s, h, :num_scored] = pooled.sum(dim=(0, 1))
+    return out
+
+
+def select_retained_ref(
+    scores: torch.Tensor, seq_lens: torch.Tensor, budgets: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-KV-head kept tokens: top ``B - window`` scored ones plus the last ``window``.
+
+    ``scores``: ``[num_seqs, heads, width]`` from :func:`window_scores_ref`. Returns
+    ``(indices, counts)``: int64 ``[num_seqs, heads, max(counts)]`` sorted ascending per
+    head and padded with ``-1``, and ``counts = min(max(B, window), T)``. A sequence with
+    ``T <= B`` keeps all of ``0 .. T-1``.
+    """
+    num_seqs, heads, _ = scores.shape
+    if seq_lens.shape != budgets.shape or seq_lens.shape != (num_seqs,):
+        raise ValueError("seq_lens and budgets must both be [num_seqs]")
+    counts = torch.tensor(
+        [kept_count(t, b, window) for t, b in zip(seq_lens.tolist(), budgets.tolist())],
+        dtype=torch.long,
+        device=scores.device,
+    )
+    width = int(counts.max()) if num_seqs else 0
+    indices = torch.full((num_seqs, heads, width), -1, dtype=torch.long, device=scores.device)
+    for s, (seq_len, count) in enumerate(zip(seq_lens.tolist(), counts.tolist())):
+        if count == seq_len:
+            kept = torch.arange(seq_len, device=scores.device).expand(heads, seq_len)
+        else:
+            top = scores[s, :, : seq_len - window].topk(count - window, dim=-1).indices
+            recent = torch.arange(seq_len - window, seq_len, device=scores.device).expand(
+                heads, window
+            )
+            kept = torch.cat([top, recent], dim=-1).sort(dim=-1).values
+        indices[s, :, :count] = kept
+    return indices, counts
+
+
+def select_propagated_ref(
+    scores: torch.Tensor, seq_lens: torch.Tensor, keep: torch.Tensor, window: int
+) -> torch.Tensor:
+    """TSP selection: one token set per sequence from the head-summed scores.
+
+    Returns int64 ``[num_seqs, max kept]``, sorted ascending, ``-1`` padded; a sequence
+    keeps ``min(max(P, window), T)`` tokens.
+    """
+    return select_retained_ref(scores.sum(dim=1, keepdim=True), seq_lens, keep, window)[0][:, 0]
+
+
+def compact_kv_ref(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+) -> None:
+    """In place: logical token ``r < counts[s]`` of sequence ``s``, KV head ``h`` becomes
+    the old logical token ``indices[s, h, r]``, for both K and V.
+
+    Gathers every kept row before writing any, so no ordering question arises. Moves
+    bytes (through a ``uint8`` view), so fp8 caches work unchanged.
+    """
+    block_size = key_cache.shape[1]
+    heads = torch.arange(key_cache.shape[2], device=key_cache.device)[:, None]
+    for cache in (key_cache, value_cache):
+        raw = cache.view(torch.uint8)
+        for s, count in enumerate(counts.tolist()):
+            blocks = block_table[s].long()
+            src = indices[s, :, :count]  # [heads, count]
+            dst = torch.arange(count, device=cache.device)
+            kept = raw[
+                blocks[src // block_size], src % block_size, heads
+            ]  # a copy: [heads, count, bytes]
+            raw[blocks[dst // block_size], dst % block_size, heads] = kept
