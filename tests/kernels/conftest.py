@@ -1,15 +1,15 @@
 """Kernel-test setup: Triton's CPU interpreter when there is no GPU, and paged-cache builders.
 
-``triton.jit`` decides between the compiler and the interpreter when a kernel is
-*defined*, so ``TRITON_INTERPRET`` is set here at import time, before the tests import
-:mod:`vllm_fastkv.kernels`; kernel modules that an earlier test module already imported
-are reloaded so that their kernels are redefined. On a machine with a GPU nothing is
-changed and the same tests run the compiled kernels on it.
+Triton picks the interpreter when its own modules and each kernel are *defined*, so
+``TRITON_INTERPRET=1`` must be set before anything imports triton; it is set here at
+import time and stays set for the session. If triton was imported earlier (a test module
+collected before this directory imported vLLM, say), setting it now would be too late, so
+that is reported plainly. On a machine with a GPU nothing is changed and the same tests
+run the compiled kernels on it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,12 +19,12 @@ import pytest
 import torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules:
+        raise RuntimeError(
+            "triton was imported before tests/kernels/conftest.py could select its CPU "
+            "interpreter: set TRITON_INTERPRET=1 earlier (environment or tests/conftest.py)"
+        )
     os.environ["TRITON_INTERPRET"] = "1"
-    # Submodules first, the package (which re-exports their functions) last.
-    for _name in sorted(
-        (m for m in sys.modules if m.startswith("vllm_fastkv.kernels")), reverse=True
-    ):
-        importlib.reload(sys.modules[_name])
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -1,0 +1,258 @@
+"""FastKV kernels on one GPU at Llama-3.1-8B head shapes: time vs HBM floor, and correctness.
+
+    python benchmarks/bench_kernels.py --out kernels.json
+
+Needs torch and triton only (imports nothing but :mod:`vllm_fastkv.kernels`). For each
+prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
+
+* bandwidth: a large device-to-device ``copy_`` (bytes read + written / time), measured
+  here so floors and kernels see the same machine state;
+* ``window_scores`` (avg and max pooling) vs its floor: the key bytes read once / bandwidth.
+  The exact two-pass softmax reads the keys twice, so 2x that floor is the design limit;
+* ``select_retained`` (budget ``retain_rate * T``), ``select_propagated`` (``tsp_rate * T``)
+  and a bare ``torch.topk`` of the same size, next to the scoring time;
+* ``compact_kv`` to ``retain_rate`` vs its floor: the retained K and V bytes read and
+  written once / bandwidth;
+* correctness against the ``*_ref`` oracles at full size (relative score error, exact
+  selection agreement, byte-exact compaction).
+
+Two times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
+calls; host work and device syncs included, which is what the engine pays), ``device`` the
+GPU's busy time per call from the torch profiler (kernel efficiency alone). Prints a table
+and writes every number to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+
+import torch
+import triton.testing
+
+from vllm_fastkv.kernels import (
+    compact_kv,
+    compact_kv_ref,
+    select_propagated,
+    select_propagated_ref,
+    select_retained,
+    select_retained_ref,
+    window_scores,
+    window_scores_ref,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds per call as the caller sees it (host work and syncs included)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def device_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """Milliseconds per call the GPU spends in kernels and copies (no host overhead; L2
+    stays warm between calls, unlike in :func:`bench_ms`)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e3
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def paged_cache(args: argparse.Namespace, seq_len: int, seed: int):
+    """One sequence's bf16 (or ``--cache-dtype``) K/V in shuffled blocks, as vLLM lays out
+    its cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` split into views."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    num_blocks = -(-seq_len // args.block_size) + 16
+    kv = torch.randn(
+        num_blocks,
+        args.num_kv_heads,
+        args.block_size,
+        2 * args.head_dim,
+        device="cuda",
+        generator=gen,
+    )
+    kv = kv.to(DTYPES[args.cache_dtype])
+    key_cache, value_cache = kv.transpose(1, 2).split(args.head_dim, dim=-1)
+    blocks = torch.randperm(num_blocks, device="cuda", generator=gen)[: num_blocks - 16]
+    block_table = blocks.to(torch.int32)[None]
+    query = torch.randn(
+        1, args.window, args.num_q_heads, args.head_dim, device="cuda", generator=gen
+    )
+    return kv, key_cache, value_cache, block_table, query.to(torch.bfloat16)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over finite entries; inf if the -inf padding differs."""
+    finite = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(out), finite):
+        return math.inf
+    return float((out[finite] - ref[finite]).norm() / ref[finite].norm())
+
+
+def measure(
+    rows: list[dict], op: str, seq_len: int, fn: Callable[[], object], floor_ms: float | None
+) -> None:
+    """Append one table row: call time, device time and, if given, the HBM floor."""
+    row = {
+        "op": op,
+        "seq_len": seq_len,
+        "call_ms": bench_ms(fn),
+        "device_ms": device_ms(fn),
+        "floor_ms": floor_ms,
+    }
+    if floor_ms:
+        row["call_x_floor"] = row["call_ms"] / floor_ms
+        row["device_x_floor"] = row["device_ms"] / floor_ms
+    rows.append(row)
+
+
+def run_length(args: argparse.Namespace, seq_len: int, bandwidth: float, rows: list[dict]) -> dict:
+    """Every measurement at prompt length ``seq_len``; returns the correctness checks."""
+    kv, key_cache, value_cache, block_table, query = paged_cache(args, seq_len, seed=seq_len)
+    seq_lens = torch.tensor([seq_len], dtype=torch.int32, device="cuda")
+    elem = key_cache.element_size()
+    key_floor_ms = seq_len * args.num_kv_heads * args.head_dim * elem / bandwidth * 1e3
+    checks: dict = {"seq_len": seq_len}
+
+    score_kwargs = dict(scale=args.head_dim**-0.5, window=args.window, pool_kernel=7)
+    for pooling in ("avg", "max"):
+
+        def scoring(pooling: str = pooling) -> torch.Tensor:
+            return window_scores(
+                query, key_cache, block_table, seq_lens, pooling=pooling, **score_kwargs
+            )
+
+        measure(rows, f"window_scores[{pooling}]", seq_len, scoring, key_floor_ms)
+        if args.check:
+            ref = window_scores_ref(
+                query, key_cache, block_table, seq_lens, pooling=pooling, **score_kwargs
+            )
+            checks[f"scores_{pooling}_rel_error"] = rel_error(scoring(), ref)
+    scores = window_scores(query, key_cache, block_table, seq_lens, **score_kwargs)
+
+    budget = torch.tensor([int(args.retain_rate * seq_len)], device="cuda")
+    keep = torch.tensor([int(args.tsp_rate * seq_len)], device="cuda")
+    measure(
+        rows,
+        "select_retained",
+        seq_len,
+        lambda: select_retained(scores, seq_lens, budget, args.window),
+        None,
+    )
+    measure(
+        rows,
+        "select_propagated",
+        seq_len,
+        lambda: select_propagated(scores, seq_lens, keep, args.window),
+        None,
+    )
+    measure(
+        rows,
+        "torch.topk alone",
+        seq_len,
+        lambda: scores.topk(int(budget) - args.window, dim=-1),
+        None,
+    )
+    indices, counts = select_retained(scores, seq_lens, budget, args.window)
+    if args.check:
+        ref_indices, _ = select_retained_ref(scores, seq_lens, budget, args.window)
+        checks["select_retained_equal"] = bool(torch.equal(indices, ref_indices))
+        checks["select_propagated_equal"] = bool(
+            torch.equal(
+                select_propagated(scores, seq_lens, keep, args.window),
+                select_propagated_ref(scores, seq_lens, keep, args.window),
+            )
+        )
+        expected = kv.clone()
+        compact_kv_ref(
+            *expected.transpose(1, 2).split(args.head_dim, dim=-1), block_table, indices, counts
+        )
+        compact_kv(key_cache, value_cache, block_table, indices, counts)
+        checks["compact_bytes_equal"] = bool(
+            torch.equal(kv.view(torch.uint8), expected.view(torch.uint8))
+        )
+        del expected
+    # K and V, each read and written once. Repeating the move on the compacted cache moves
+    # the same bytes, so timing repeated calls is fair.
+    moved_bytes = 2 * 2 * int(counts) * args.num_kv_heads * args.head_dim * elem
+    measure(
+        rows,
+        f"compact_kv[{args.retain_rate:g}]",
+        seq_len,
+        lambda: compact_kv(key_cache, value_cache, block_table, indices, counts),
+        moved_bytes / bandwidth * 1e3,
+    )
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="JSON output path")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--num-q-heads", type=int, default=32)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--retain-rate", type=float, default=0.1)
+    parser.add_argument("--tsp-rate", type=float, default=0.2)
+    parser.add_argument(
+        "--no-check", dest="check", action="store_false", help="skip the reference checks"
+    )
+    args = parser.parse_args()
+
+    bandwidth = copy_bandwidth()
+    rows: list[dict] = []
+    checks = [run_length(args, seq_len, bandwidth, rows) for seq_len in args.seq_lens]
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "config": vars(args),
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "rows": rows,
+        "checks": checks,
+    }
+    print(f"{results['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    header = ("op", "T", "call ms", "device ms", "floor ms", "call/floor", "dev/floor")
+    print(f"{header[0]:<24}" + "".join(f"{name:>11}" for name in header[1:]))
+    for row in rows:
+        floor = row["floor_ms"]
+        tail = (
+            f"{floor:>10.3f}{row['call_x_floor']:>12.2f}{row['device_x_floor']:>11.2f}"
+            if floor
+            else ""
+        )
+        print(
+            f"{row['op']:<24}{row['seq_len']:>8}{row['call_ms']:>10.3f}{row['device_ms']:>11.3f}{tail}"
+        )
+    for check in checks:
+        print(
+            "checks:",
+            ", ".join(
+                f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()
+            ),
+        )
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
