@@ -21,7 +21,7 @@ for stage in $stages; do
   echo "=== stage $stage $(date -u +%H:%M:%S)"
   case $stage in
     tests)
-      python3 -m pytest tests/e2e $( [ -d tests/kernels ] && echo tests/kernels ) -q -p no:cacheprovider \
+      python3 -m pytest tests/kernels tests/e2e ${PYTEST_K:+-k "$PYTEST_K"} -q -p no:cacheprovider \
         --junitxml="$res/pytest-gpu.xml" 2>&1 | tail -40 | tee "$res/pytest-gpu.log"
       ;;
     kernels)

@@ -15,12 +15,23 @@ WORKER = Path(__file__).with_name("generate_worker.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def engine_env(**overrides: str) -> dict[str, str]:
+    """Environment for a vLLM subprocess: ours, minus settings meant for this process only.
+
+    TRITON_INTERPRET=1 (set for the kernel tests on CPU machines) would make vLLM see a
+    working Triton in its engine processes and take GPU-only code paths.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(overrides)
+    return env
+
+
 def generate(
     model: Path, prompts: list[list[int]], max_tokens: int, timeout: float = 600, **engine
 ) -> dict:
     """Greedy-generate in a fresh process; returns {"tokens": [...], "backends": [...]}."""
     spec = {"model": str(model), "engine": engine, "prompts": prompts, "max_tokens": max_tokens}
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env = engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
     proc = subprocess.run(
         [sys.executable, str(WORKER), json.dumps(spec)],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -13,7 +12,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from tests.e2e.engines import free_port, vllm_command
+from tests.e2e.engines import engine_env, free_port, vllm_command
 
 STARTUP_TIMEOUT = 300
 
@@ -30,7 +29,7 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "--served-model-name", "tiny",
     ]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env())
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -119,7 +118,7 @@ def test_bad_config_stops_startup(tiny_llama: Path, extra_args, env, field):
         "--host", "127.0.0.1", "--port", str(free_port()), *extra_args,
     ]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, **env)
+        cmd, capture_output=True, text=True, timeout=180, env=engine_env(**env)
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
