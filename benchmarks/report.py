@@ -36,6 +36,7 @@ def plot(records: list[dict], out: Path) -> None:
 
     fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(11, 4))
     labels = sorted({(r["backend"], r["git_commit"]) for r in records})
+    colors = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for backend, commit in labels:
         rows = [r for r in records if (r["backend"], r["git_commit"]) == (backend, commit)]
         ttft = sorted((r["prompt_len"], r["ttft_ms"]) for r in rows if r["kind"] == "ttft")
@@ -44,11 +45,11 @@ def plot(records: list[dict], out: Path) -> None:
             for r in rows
             if r["kind"] == "decode" and r["batch"] == 1 and "tpot_ms" in r
         )
-        label = f"{backend} ({commit})"
+        style = dict(marker="o", label=f"{backend} ({commit})", color=colors[(backend, commit)])
         if ttft:
-            ax_ttft.plot(*zip(*ttft), marker="o", label=label)
+            ax_ttft.plot(*zip(*ttft), **style)
         if tpot:
-            ax_tpot.plot(*zip(*tpot), marker="o", label=label)
+            ax_tpot.plot(*zip(*tpot), **style)
     device = records[0]["device"] if records else ""
     ax_ttft.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (ms)",
                 title=f"TTFT, batch 1 — {device}")
