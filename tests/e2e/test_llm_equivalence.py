@@ -58,3 +58,17 @@ def test_fastkv_matches_default_backend(request, model_fixture, fastkv_settings,
     assert fastkv["backends"] == ["FASTKV"]
     assert [len(t) for t in fastkv["tokens"]] == [24] * len(prompts)
     assert fastkv["tokens"] == stock["tokens"]
+    if engine["dtype"] == "float32":
+        # The torch oracle (full-KV policy) on the same checkpoint agrees with the engine,
+        # which ties the reference that later checks retention to what vLLM computes.
+        assert fastkv["tokens"] == _reference_tokens(model, prompts, max_tokens=24)
+
+
+def _reference_tokens(model_dir, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    from vllm_fastkv.reference import generate
+
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [generate(hf_model, ids, max_tokens, policy="full").tolist() for ids in prompts]
