@@ -51,10 +51,16 @@ def plot(records: list[dict], out: Path) -> None:
         if tpot:
             ax_tpot.plot(*zip(*tpot), **style)
     device = records[0]["device"] if records else ""
-    ax_ttft.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (ms)",
-                title=f"TTFT, batch 1 — {device}")
-    ax_tpot.set(xscale="log", xlabel="prompt tokens", ylabel="TPOT (ms)",
-                title="decode TPOT, batch 1")
+    ax_ttft.set(
+        xscale="log",
+        yscale="log",
+        xlabel="prompt tokens",
+        ylabel="TTFT (ms)",
+        title=f"TTFT, batch 1 — {device}",
+    )
+    ax_tpot.set(
+        xscale="log", xlabel="prompt tokens", ylabel="TPOT (ms)", title="decode TPOT, batch 1"
+    )
     for ax in (ax_ttft, ax_tpot):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -62,9 +62,16 @@ LLAMA_31_8B = {
 
 
 #: A few-layer model of the same family, to check the harness itself on a CPU.
-SMOKE = {**LLAMA_31_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-         "torch_dtype": "float32"}
+SMOKE = {
+    **LLAMA_31_8B,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "torch_dtype": "float32",
+}
 SHAPES = {"llama-3.1-8b": LLAMA_31_8B, "smoke": SMOKE}
 
 
@@ -174,7 +181,9 @@ def run_worker(args: argparse.Namespace) -> None:
         for _ in range(args.reps):
             times.append(_timed(llm, _prompts(rng, 1, prompt_len, vocab), 1))
         emit(
-            kind="ttft", prompt_len=prompt_len, batch=1,
+            kind="ttft",
+            prompt_len=prompt_len,
+            batch=1,
             ttft_ms=round(1000 * statistics.median(times), 2),
             ttft_all_ms=[round(1000 * t, 2) for t in times],
             peak_kv_blocks=watcher.peak_used,
@@ -192,10 +201,14 @@ def run_worker(args: argparse.Namespace) -> None:
             t_full = _timed(llm, _prompts(rng, batch, prompt_len, vocab), 1 + n)
             decode_s = max(t_full - t_prefill, 1e-9)
             emit(
-                kind="decode", prompt_len=prompt_len, batch=batch, output_tokens=n,
+                kind="decode",
+                prompt_len=prompt_len,
+                batch=batch,
+                output_tokens=n,
                 tpot_ms=round(1000 * decode_s / n, 3),
                 output_tok_s=round(batch * n / decode_s, 1),
-                prefill_s=round(t_prefill, 3), total_s=round(t_full, 3),
+                prefill_s=round(t_prefill, 3),
+                total_s=round(t_full, 3),
                 peak_kv_blocks=watcher.peak_used,
                 max_concurrent=watcher.total // per_request_blocks,
             )
@@ -207,18 +220,28 @@ def run_driver(args: argparse.Namespace) -> None:
     out = Path(args.out)
     for backend in args.backends:
         cmd = [sys.executable, __file__, "--worker", "--backend", backend]
-        for key in ("shape", "model_dir", "max_model_len", "gpu_memory_utilization", "reps",
-                    "decode_tokens", "fastkv", "git_commit"):
+        for key in (
+            "shape",
+            "model_dir",
+            "max_model_len",
+            "gpu_memory_utilization",
+            "reps",
+            "decode_tokens",
+            "fastkv",
+            "git_commit",
+        ):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         for key in ("ttft_lens", "decode_lens", "batches"):
             cmd += [f"--{key.replace('_', '-')}", *map(str, getattr(args, key))]
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
         print(f"== {backend}: {' '.join(cmd)}", flush=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith(RESULT_PREFIX):
-                record = json.loads(line[len(RESULT_PREFIX):])
+                record = json.loads(line[len(RESULT_PREFIX) :])
                 records.append(record)
                 out.write_text(json.dumps(records, indent=1))
                 print(json.dumps(record), flush=True)
@@ -230,13 +253,17 @@ def run_driver(args: argparse.Namespace) -> None:
 
 
 def _print_table(records: list[dict]) -> None:
-    print(f"{'backend':<11} {'kind':<6} {'prompt':>7} {'batch':>5} {'ttft_ms':>9} "
-          f"{'tpot_ms':>8} {'tok/s':>8} {'peak_blk':>8} {'max_conc':>8}")
+    print(
+        f"{'backend':<11} {'kind':<6} {'prompt':>7} {'batch':>5} {'ttft_ms':>9} "
+        f"{'tpot_ms':>8} {'tok/s':>8} {'peak_blk':>8} {'max_conc':>8}"
+    )
     for r in records:
-        print(f"{r['backend']:<11} {r['kind']:<6} {r['prompt_len']:>7} {r['batch']:>5} "
-              f"{r.get('ttft_ms', ''):>9} {r.get('tpot_ms', r.get('skipped', '')):>8} "
-              f"{r.get('output_tok_s', ''):>8} {r.get('peak_kv_blocks', ''):>8} "
-              f"{r.get('max_concurrent', ''):>8}")
+        print(
+            f"{r['backend']:<11} {r['kind']:<6} {r['prompt_len']:>7} {r['batch']:>5} "
+            f"{r.get('ttft_ms', ''):>9} {r.get('tpot_ms', r.get('skipped', '')):>8} "
+            f"{r.get('output_tok_s', ''):>8} {r.get('peak_kv_blocks', ''):>8} "
+            f"{r.get('max_concurrent', ''):>8}"
+        )
 
 
 def main() -> None:
@@ -253,8 +280,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--fastkv", default='{"tsp_rate": 0.2, "retain_rate": 0.1}',
-                        help="FastKV settings (JSON) for the FASTKV backend")
+    parser.add_argument(
+        "--fastkv",
+        default='{"tsp_rate": 0.2, "retain_rate": 0.1}',
+        help="FastKV settings (JSON) for the FASTKV backend",
+    )
     parser.add_argument("--git-commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     parser.add_argument("--out", default="bench_results.json")
     parser.add_argument("--verbose", action="store_true")

@@ -55,7 +55,10 @@ def test_unknown_env_var_is_an_error():
         FastKVConfig.from_sources({}, environ={"VLLM_FASTKV_TSP": "3"})
 
 
-@pytest.mark.parametrize(("num_layers", "tsp_layer", "ok"), [(4, 2, True), (4, 3, False), (32, 31, False), (32, 30, True)])
+@pytest.mark.parametrize(
+    ("num_layers", "tsp_layer", "ok"),
+    [(4, 2, True), (4, 3, False), (32, 31, False), (32, 30, True)],
+)
 def test_tsp_layer_must_leave_a_later_layer(num_layers, tsp_layer, ok):
     cfg = FastKVConfig.from_sources({"fastkv": {"tsp_layer": tsp_layer}}, environ={})
     if ok:

@@ -23,7 +23,10 @@ def test_fastkv_is_an_enum_member_and_resolves_to_our_backend():
     assert member.get_class() is FastKVAttentionBackend
     assert AttentionConfig(backend="fastkv").backend is member
     assert AttentionBackendEnum["TRITON_ATTN"].name == "TRITON_ATTN"  # others untouched
-    assert pickle.loads(pickle.dumps(AttentionBackendEnum.FLASH_ATTN)) is AttentionBackendEnum.FLASH_ATTN
+    assert (
+        pickle.loads(pickle.dumps(AttentionBackendEnum.FLASH_ATTN))
+        is AttentionBackendEnum.FLASH_ATTN
+    )
 
 
 def test_member_unpickles_in_a_process_that_never_loaded_plugins():
@@ -39,7 +42,10 @@ def test_member_unpickles_in_a_process_that_never_loaded_plugins():
     )
     env = {"VLLM_PLUGINS": ""}  # vLLM loads no plugin in this process
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**__import__("os").environ, **env},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -48,11 +54,10 @@ def test_member_unpickles_in_a_process_that_never_loaded_plugins():
 
 def test_cpu_platform_honours_an_explicit_fastkv_request():
     vllm_fastkv.register()
+    import torch
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.attention.selector import AttentionSelectorConfig
-
-    import torch
 
     selector = AttentionSelectorConfig(
         head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=16

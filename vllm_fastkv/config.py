@@ -149,8 +149,9 @@ class FastKVConfig(BaseModel):
     @property
     def compresses(self) -> bool:
         """Whether any mechanism changes the computation (else: plain full KV)."""
-        return self.enabled and (self.retain_rate < 1.0 or self.tsp_rate < 1.0 or
-                                 self.mode == "constant")
+        return self.enabled and (
+            self.retain_rate < 1.0 or self.tsp_rate < 1.0 or self.mode == "constant"
+        )
 
     def retention_budget(self, prompt_len: int) -> int:
         """KV entries kept per layer and KV head for a prompt of ``prompt_len`` tokens."""

@@ -127,8 +127,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     path = build_tiny_model(
-        args.out_dir, arch=args.arch, num_layers=args.layers,
-        hidden_size=args.hidden_size, seed=args.seed,
+        args.out_dir,
+        arch=args.arch,
+        num_layers=args.layers,
+        hidden_size=args.hidden_size,
+        seed=args.seed,
     )
     print(path)
 

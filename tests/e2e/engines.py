@@ -34,11 +34,15 @@ def generate(
     env = engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
     proc = subprocess.run(
         [sys.executable, str(WORKER), json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO_ROOT,
     )
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     raise AssertionError(
         f"engine failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     )

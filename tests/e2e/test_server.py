@@ -22,11 +22,20 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [
-        *vllm_command(), "serve", str(tiny_llama),
-        "--attention-backend", "FASTKV",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "1024", "--enforce-eager",
-        "--served-model-name", "tiny",
+        *vllm_command(),
+        "serve",
+        str(tiny_llama),
+        "--attention-backend",
+        "FASTKV",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "1024",
+        "--enforce-eager",
+        "--served-model-name",
+        "tiny",
     ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env())
@@ -35,16 +44,22 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             deadline = time.monotonic() + STARTUP_TIMEOUT
             while True:
                 if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+                    pytest.fail(
+                        f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}"
+                    )
                 try:
                     if requests.get(f"{base}/health", timeout=2).status_code == 200:
                         break
                 except requests.ConnectionError:
                     pass
                 if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy in {STARTUP_TIMEOUT}s:\n{log_path.read_text()[-5000:]}")
+                    pytest.fail(
+                        f"server not healthy in {STARTUP_TIMEOUT}s:\n{log_path.read_text()[-5000:]}"
+                    )
                 time.sleep(1)
-            assert re.search(r"Using (AttentionBackendEnum\.)?FASTKV .*backend", log_path.read_text())
+            assert re.search(
+                r"Using (AttentionBackendEnum\.)?FASTKV .*backend", log_path.read_text()
+            )
             yield base
         finally:
             proc.terminate()
@@ -110,16 +125,29 @@ def test_chat_completion_and_stream(client: OpenAI):
         ([], {"VLLM_FASTKV_POOLING": "median"}, "fastkv.pooling"),
         ([], {"VLLM_FASTKV_WINDOWS": "8"}, "VLLM_FASTKV_WINDOWS"),
     ],
-    ids=["rate-above-1", "rate-zero", "layer-beyond-model", "unknown-key", "bad-env", "unknown-env"],
+    ids=[
+        "rate-above-1",
+        "rate-zero",
+        "layer-beyond-model",
+        "unknown-key",
+        "bad-env",
+        "unknown-env",
+    ],
 )
 def test_bad_config_stops_startup(tiny_llama: Path, extra_args, env, field):
     cmd = [
-        *vllm_command(), "serve", str(tiny_llama), "--attention-backend", "FASTKV",
-        "--host", "127.0.0.1", "--port", str(free_port()), *extra_args,
+        *vllm_command(),
+        "serve",
+        str(tiny_llama),
+        "--attention-backend",
+        "FASTKV",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        *extra_args,
     ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=180, env=engine_env(**env)
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=engine_env(**env))
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert field in output
