@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.deploy import REPO_ROOT
-from tests.e2e.engines import free_port, vllm_command
+from tests.e2e.engines import running_server
 
 LOCUSTFILE = REPO_ROOT / "loadtests" / "locustfile.py"
-STARTUP_TIMEOUT = 300
 RUN_TIME_S = 30
 USER_CLASSES = ("ShortChatUser", "RagUser", "StreamingUser", "MixedUser")
 EXPECTED_ROWS = {
@@ -43,44 +39,10 @@ SMOKE_ENV = {
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`vllm serve` on 127.0.0.1 with the FASTKV backend; yields its base URL once healthy."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("locust-server") / "server.log"
-    cmd = [
-        *vllm_command(), "serve", str(tiny_llama),
-        "--attention-backend", "FASTKV",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "2048", "--enforce-eager",
-        "--served-model-name", "tiny",
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{_tail(log_path)}")
-                try:
-                    if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not healthy in {STARTUP_TIMEOUT}s:\n{_tail(log_path)}")
-                time.sleep(1)
-            startup_log = log_path.read_text()
-            assert re.search(r"Using (AttentionBackendEnum\.)?FASTKV .*backend", startup_log)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _tail(log_path: Path) -> str:
-    return log_path.read_text()[-5000:]
+    serve_args = ("--max-model-len", "2048", "--enforce-eager", "--served-model-name", "tiny")
+    with running_server(tiny_llama, log_path, *serve_args) as base:
+        yield base
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import requests
 
 from tests.e2e.generate_worker import RESULT_PREFIX
 
@@ -64,3 +70,53 @@ def vllm_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+#: What vLLM logs when the FASTKV backend is selected (CPU: ours; CUDA: vLLM's selector).
+FASTKV_SELECTED = re.compile(r"Using (AttentionBackendEnum\.)?FASTKV .*backend")
+
+
+@contextmanager
+def running_server(
+    model: Path, log_path: Path, *serve_args: str, startup_timeout: float = 300
+) -> Iterator[str]:
+    """`vllm serve MODEL --attention-backend FASTKV` on 127.0.0.1, as users start it.
+
+    Yields the base URL once /health answers and the log shows FASTKV was selected;
+    stops the server afterwards. The server's output goes to ``log_path``.
+    """
+    port = free_port()
+    cmd = [
+        *vllm_command(), "serve", str(model), "--attention-backend", "FASTKV",
+        "--host", "127.0.0.1", "--port", str(port), *serve_args,
+    ]  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env())
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while not _healthy(base):
+                if proc.poll() is not None:
+                    raise AssertionError(
+                        f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}"
+                    )
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"server not healthy in {startup_timeout}s:\n{log_path.read_text()[-5000:]}"
+                    )
+                time.sleep(1)
+            assert FASTKV_SELECTED.search(log_path.read_text()), "FASTKV was not selected"
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/health", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,61 +10,15 @@ import pytest
 import requests
 from openai import OpenAI
 
-from tests.e2e.engines import engine_env, free_port, vllm_command
-
-STARTUP_TIMEOUT = 300
+from tests.e2e.engines import engine_env, free_port, running_server, vllm_command
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        *vllm_command(),
-        "serve",
-        str(tiny_llama),
-        "--attention-backend",
-        "FASTKV",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "1024",
-        "--enforce-eager",
-        "--served-model-name",
-        "tiny",
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env())
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(
-                        f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}"
-                    )
-                try:
-                    if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"server not healthy in {STARTUP_TIMEOUT}s:\n{log_path.read_text()[-5000:]}"
-                    )
-                time.sleep(1)
-            assert re.search(
-                r"Using (AttentionBackendEnum\.)?FASTKV .*backend", log_path.read_text()
-            )
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    serve_args = ("--max-model-len", "1024", "--enforce-eager", "--served-model-name", "tiny")
+    with running_server(tiny_llama, log_path, *serve_args) as base:
+        yield base
 
 
 @pytest.fixture
