@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_fastkv.reference.scoring import token_budget
+
 #: Key of the FastKV section inside vLLM's ``additional_config``.
 ADDITIONAL_CONFIG_KEY = "fastkv"
 #: Prefix of the environment variables that set FastKV fields.
@@ -157,21 +159,19 @@ class FastKVConfig(BaseModel):
         """KV entries kept per layer and KV head for a prompt of ``prompt_len`` tokens."""
         if not self.enabled:
             return prompt_len
-        if self.mode == "constant":
-            budget = self.max_capacity_prompt
-        else:
-            budget = int(self.retain_rate * prompt_len)
-        return min(prompt_len, max(budget, self.window))
+        return token_budget(
+            prompt_len, mode=self.mode, rate=self.retain_rate,
+            capacity=self.max_capacity_prompt, window=self.window,
+        )  # fmt: skip
 
     def propagation_budget(self, prompt_len: int) -> int:
         """Tokens propagated past ``tsp_layer`` for a prompt of ``prompt_len`` tokens."""
         if not self.enabled:
             return prompt_len
-        if self.mode == "constant":
-            keep = self.tsp_len
-        else:
-            keep = int(self.tsp_rate * prompt_len)
-        return min(prompt_len, max(keep, self.window))
+        return token_budget(
+            prompt_len, mode=self.mode, rate=self.tsp_rate,
+            capacity=self.tsp_len, window=self.window,
+        )  # fmt: skip
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -124,8 +124,8 @@ def token_budget(
 ) -> int:
     """Tokens to keep out of ``prompt_len``: ``int(rate * prompt_len)`` or ``capacity``.
 
-    ``int`` (floor) is the rounding, matching ``FastKVConfig.retention_budget`` /
-    ``propagation_budget``. The budget never drops below the observation window
+    ``int`` (floor) is the rounding; ``FastKVConfig.retention_budget`` /
+    ``propagation_budget`` call this. The budget never drops below the observation window
     (the window is always kept) and never exceeds the prompt (short prompts keep
     everything). Used for the retention budget ``B`` (rate ``retain_rate``,
     capacity ``max_capacity_prompt``) and the TSP budget ``P`` (``tsp_rate``,
