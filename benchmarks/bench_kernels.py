@@ -12,7 +12,8 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 * ``select_retained`` (budget ``retain_rate * T``), ``select_propagated`` (``tsp_rate * T``)
   and a bare ``torch.topk`` of the same size, next to the scoring time;
 * ``compact_kv`` to ``retain_rate`` vs its floor: the retained K and V bytes read and
-  written once / bandwidth;
+  written once / bandwidth, front (``starts=None``) and tail-aligned (``starts = T - c``,
+  the budget rounded up to whole blocks);
 * correctness against the ``*_ref`` oracles at full size (relative score error, exact
   selection agreement, byte-exact compaction).
 
@@ -177,25 +178,42 @@ def run_length(args: argparse.Namespace, seq_len: int, bandwidth: float, rows: l
                 select_propagated_ref(scores, seq_lens, keep, args.window),
             )
         )
-        expected = kv.clone()
-        compact_kv_ref(
-            *expected.transpose(1, 2).split(args.head_dim, dim=-1), block_table, indices, counts
+    # Front compaction (entry r -> slot r), then tail-aligned (entry r -> slot S + r with
+    # S = T - c' a block multiple, c' the budget rounded up to whole blocks).
+    tail_start = (seq_len - int(counts)) // args.block_size * args.block_size
+    tail_budget = torch.tensor([seq_len - tail_start], device="cuda")
+    tail_indices, tail_counts = select_retained(scores, seq_lens, tail_budget, args.window)
+    starts = torch.tensor([tail_start], device="cuda")
+    cases = [("", indices, counts, None), ("_tail", tail_indices, tail_counts, starts)]
+    for suffix, idx, cnt, st in cases:
+
+        def compaction(idx=idx, cnt=cnt, st=st) -> None:
+            compact_kv(key_cache, value_cache, block_table, idx, cnt, starts=st)
+
+        if args.check:
+            expected = kv.clone()
+            compact_kv_ref(
+                *expected.transpose(1, 2).split(args.head_dim, dim=-1),
+                block_table,
+                idx,
+                cnt,
+                starts=st,
+            )
+            compaction()
+            checks[f"compact{suffix}_bytes_equal"] = bool(
+                torch.equal(kv.view(torch.uint8), expected.view(torch.uint8))
+            )
+            del expected
+        # K and V, each read and written once. Repeating the move on the compacted cache
+        # moves the same bytes, so timing repeated calls is fair.
+        moved_bytes = 2 * 2 * int(cnt) * args.num_kv_heads * args.head_dim * elem
+        measure(
+            rows,
+            f"compact_kv{suffix}[{args.retain_rate:g}]",
+            seq_len,
+            compaction,
+            moved_bytes / bandwidth * 1e3,
         )
-        compact_kv(key_cache, value_cache, block_table, indices, counts)
-        checks["compact_bytes_equal"] = bool(
-            torch.equal(kv.view(torch.uint8), expected.view(torch.uint8))
-        )
-        del expected
-    # K and V, each read and written once. Repeating the move on the compacted cache moves
-    # the same bytes, so timing repeated calls is fair.
-    moved_bytes = 2 * 2 * int(counts) * args.num_kv_heads * args.head_dim * elem
-    measure(
-        rows,
-        f"compact_kv[{args.retain_rate:g}]",
-        seq_len,
-        lambda: compact_kv(key_cache, value_cache, block_table, indices, counts),
-        moved_bytes / bandwidth * 1e3,
-    )
     return checks
 
 

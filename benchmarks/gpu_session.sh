@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU-machine job in one go, after the vLLM bundle is installed into /tmp/site
 # (see benchmarks/README.md). Writes everything under ${RESULTS:-/tmp/fastkv-results}.
-#   STAGES="tests kernels bench" bash benchmarks/gpu_session.sh
+#   STAGES="tests kernels bench" TESTS="tests/kernels tests/e2e" bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 res=${RESULTS:-/tmp/fastkv-results}
@@ -21,7 +21,7 @@ for stage in $stages; do
   echo "=== stage $stage $(date -u +%H:%M:%S)"
   case $stage in
     tests)
-      python3 -m pytest tests/kernels tests/e2e ${PYTEST_K:+-k "$PYTEST_K"} -q -p no:cacheprovider \
+      python3 -m pytest ${TESTS:-tests/kernels tests/e2e} ${PYTEST_K:+-k "$PYTEST_K"} -q -p no:cacheprovider \
         --junitxml="$res/pytest-gpu.xml" 2>&1 | tail -40 | tee "$res/pytest-gpu.log"
       ;;
     kernels)

@@ -16,6 +16,11 @@ prompts for every measurement, so prefix caching never hides prefill):
 - KV blocks: the scheduler's free-block count is read after every scheduling step;
   peak use = total - minimum free. max_concurrent = requests of (prompt + output)
   tokens that the KV pool holds, from the number of blocks the engine allocated.
+- concurrency (``--concurrency-len``, measured, not computed): ``--concurrency-requests``
+  prompts are submitted at once with a long ``max_tokens``; the engine is stepped until
+  every request has been admitted and prefilled, or no new request has reached decode for
+  ``--stall-steps`` steps (the pool is full); the record holds the peak number of
+  requests decoding at the same time and the preemptions seen. Then all are aborted.
 """
 
 from __future__ import annotations
@@ -192,6 +197,9 @@ def run_worker(args: argparse.Namespace) -> None:
     n = args.decode_tokens
     for prompt_len in args.decode_lens:
         per_request_blocks = -(-(prompt_len + 1 + n) // block_size)
+        # After prefill a compressed request holds fewer blocks; admission still needs
+        # the whole prompt's blocks while it prefills, so the pool check stays on those.
+        held_blocks = per_request_blocks - _freed_blocks(args, prompt_len, block_size)
         for batch in args.batches:
             if batch * per_request_blocks > watcher.total:
                 emit(kind="decode", prompt_len=prompt_len, batch=batch, skipped="exceeds KV pool")
@@ -210,8 +218,72 @@ def run_worker(args: argparse.Namespace) -> None:
                 prefill_s=round(t_prefill, 3),
                 total_s=round(t_full, 3),
                 peak_kv_blocks=watcher.peak_used,
-                max_concurrent=watcher.total // per_request_blocks,
+                max_concurrent=watcher.total // held_blocks,
             )
+
+    for prompt_len in args.concurrency_len:
+        watcher.reset()
+        prompts = _prompts(rng, args.concurrency_requests, prompt_len, vocab)
+        result = measure_concurrency(llm, prompts, args.concurrency_max_tokens, args.stall_steps)
+        emit(kind="concurrency", prompt_len=prompt_len, batch=args.concurrency_requests,
+             peak_kv_blocks=watcher.peak_used, **result)
+
+
+def _freed_blocks(args: argparse.Namespace, prompt_len: int, block_size: int) -> int:
+    """Blocks KV retention returns per request after prefill (0 for other backends)."""
+    if args.backend != "FASTKV":
+        return 0
+    from vllm_fastkv.config import FastKVConfig
+    from vllm_fastkv.retention import plan_retention
+
+    plan = plan_retention(FastKVConfig.validated(json.loads(args.fastkv)), prompt_len, block_size)
+    return 0 if plan is None else plan.start // block_size
+
+
+def measure_concurrency(llm, prompts, max_tokens: int, stall_steps: int) -> dict:
+    """Peak number of requests decoding at once (see the module docstring)."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    preemptions = {"n": 0}
+    preempt = scheduler._preempt_request
+
+    def counting(request, timestamp):
+        preemptions["n"] += 1
+        return preempt(request, timestamp)
+
+    scheduler._preempt_request = counting
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [f"concurrency-{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
+    peak, since_peak, steps = 0, 0, 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running)
+        if decoding > peak:
+            peak, since_peak = decoding, 0
+        else:
+            since_peak += 1
+        all_in = not scheduler.waiting and decoding == len(scheduler.running) > 0
+        if all_in or (peak > 0 and since_peak >= stall_steps):
+            break
+    elapsed = time.perf_counter() - start
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    scheduler._preempt_request = preempt
+    return {
+        "requests": len(prompts),
+        "peak_decoding": peak,
+        "preemptions": preemptions["n"],
+        "steps": steps,
+        "seconds": round(elapsed, 1),
+        "all_admitted": peak == len(prompts),
+    }
 
 
 # --------------------------------------------------------------------------- driver
@@ -229,10 +301,15 @@ def run_driver(args: argparse.Namespace) -> None:
             "decode_tokens",
             "fastkv",
             "git_commit",
+            "concurrency_requests",
+            "concurrency_max_tokens",
+            "stall_steps",
         ):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        for key in ("ttft_lens", "decode_lens", "batches"):
-            cmd += [f"--{key.replace('_', '-')}", *map(str, getattr(args, key))]
+        for key in ("ttft_lens", "decode_lens", "batches", "concurrency_len"):
+            values = getattr(args, key)
+            if values:
+                cmd += [f"--{key.replace('_', '-')}", *map(str, values)]
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
         print(f"== {backend}: {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen(
@@ -255,14 +332,14 @@ def run_driver(args: argparse.Namespace) -> None:
 def _print_table(records: list[dict]) -> None:
     print(
         f"{'backend':<11} {'kind':<6} {'prompt':>7} {'batch':>5} {'ttft_ms':>9} "
-        f"{'tpot_ms':>8} {'tok/s':>8} {'peak_blk':>8} {'max_conc':>8}"
+        f"{'tpot_ms':>8} {'tok/s':>8} {'peak_blk':>8} {'max_conc':>8} {'decoding':>8}"
     )
     for r in records:
         print(
             f"{r['backend']:<11} {r['kind']:<6} {r['prompt_len']:>7} {r['batch']:>5} "
             f"{r.get('ttft_ms', ''):>9} {r.get('tpot_ms', r.get('skipped', '')):>8} "
             f"{r.get('output_tok_s', ''):>8} {r.get('peak_kv_blocks', ''):>8} "
-            f"{r.get('max_concurrent', ''):>8}"
+            f"{r.get('max_concurrent', ''):>8} {r.get('peak_decoding', ''):>8}"
         )
 
 
@@ -275,14 +352,18 @@ def main() -> None:
     parser.add_argument("--model-dir", default="/tmp/fastkv-bench-models")
     parser.add_argument("--max-model-len", type=int, default=131072)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    parser.add_argument("--ttft-lens", type=int, nargs="+", default=[8192, 32768, 131000])
-    parser.add_argument("--decode-lens", type=int, nargs="+", default=[8192, 32768])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--ttft-lens", type=int, nargs="*", default=[8192, 32768, 131000])
+    parser.add_argument("--decode-lens", type=int, nargs="*", default=[8192, 32768])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 16, 32])
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--concurrency-len", type=int, nargs="*", default=[])
+    parser.add_argument("--concurrency-requests", type=int, default=128)
+    parser.add_argument("--concurrency-max-tokens", type=int, default=4096)
+    parser.add_argument("--stall-steps", type=int, default=200)
     parser.add_argument(
         "--fastkv",
-        default='{"tsp_rate": 0.2, "retain_rate": 0.1}',
+        default='{"tsp_rate": 1.0, "retain_rate": 0.1}',
         help="FastKV settings (JSON) for the FASTKV backend",
     )
     parser.add_argument("--git-commit", default=os.environ.get("GIT_COMMIT", "unknown"))

@@ -6,22 +6,32 @@ same kernels as stock vLLM and, with compression off, produce the same tokens. O
 CPUs, ``FastKVCPUAttentionBackend`` runs plain torch paged attention
 (:mod:`vllm_fastkv.torch_paged_attention`). Both use vLLM's logical KV-cache shape
 ``(num_blocks, num_kv_heads, block_size, 2 * head_size)``, so the FastKV mechanisms
-that read or rewrite the cache are shared by the two.
+that read or rewrite the cache are shared by the two: the metadata builders add KV
+retention's views (:mod:`vllm_fastkv.retention_metadata`) and the implementations
+compress a completed prompt's KV after their attention (:mod:`vllm_fastkv.kv_compression`).
 """
 
 from __future__ import annotations
 
 import torch
+from vllm.platforms import current_platform
 from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.attention.backend import AttentionLayer, AttentionType
-from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadataBuilder,
+)
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
     TritonAttentionImpl,
     TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
 )
 
+from vllm_fastkv.kv_compression import compress_prompt_kv
 from vllm_fastkv.registration import BACKEND_NAME
+from vllm_fastkv.retention_metadata import COMPRESSION_ATTR, RetentionMetadataBuilderMixin
 from vllm_fastkv.torch_paged_attention import paged_attention, split_kv_cache, write_paged_kv
 
 
@@ -50,8 +60,70 @@ class _FastKVBackendTraits:
         return False
 
 
+class _CompressAfterAttention:
+    """Mix into an attention implementation: compress completed prompts after attending.
+
+    The step that completes a prompt attends over the whole prompt as stock vLLM does;
+    only then is this layer's prompt KV reduced to its retained entries.
+    """
+
+    head_size: int
+    kv_cache_dtype: str
+    scale: float
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        output = super().forward(  # type: ignore[misc]
+            layer, query, key, value, kv_cache, attn_metadata, output,
+            output_scale, output_block_scale,
+        )  # fmt: skip
+        batch = getattr(attn_metadata, COMPRESSION_ATTR, None)
+        if batch is not None:
+            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+            if is_quantized_kv_cache(self.kv_cache_dtype):
+                key_cache = key_cache.view(current_platform.fp8_dtype())
+                value_cache = value_cache.view(current_platform.fp8_dtype())
+            compress_prompt_kv(
+                query, key_cache, value_cache, batch,
+                scale=self.scale, k_scale=layer._k_scale_float,
+            )  # fmt: skip
+        return output
+
+
+class FastKVFlashAttentionMetadataBuilder(
+    RetentionMetadataBuilderMixin, FlashAttentionMetadataBuilder
+):
+    """vLLM's FlashAttention metadata with KV retention's shifted views."""
+
+
+class FastKVFlashAttentionImpl(_CompressAfterAttention, FlashAttentionImpl):
+    """vLLM's FlashAttention, then KV compression of completed prompts."""
+
+
 class FastKVAttentionBackend(_FastKVBackendTraits, FlashAttentionBackend):
     """FASTKV on CUDA GPUs: vLLM's FlashAttention, plus FastKV's KV selection."""
+
+    @staticmethod
+    def get_impl_cls() -> type[FastKVFlashAttentionImpl]:
+        return FastKVFlashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[FastKVFlashAttentionMetadataBuilder]:
+        return FastKVFlashAttentionMetadataBuilder
+
+
+class FastKVTritonMetadataBuilder(RetentionMetadataBuilderMixin, TritonAttentionMetadataBuilder):
+    """vLLM's Triton attention metadata (used by the CPU path) with retention's views."""
 
 
 class FastKVCPUAttentionBackend(_FastKVBackendTraits, TritonAttentionBackend):
@@ -63,8 +135,12 @@ class FastKVCPUAttentionBackend(_FastKVBackendTraits, TritonAttentionBackend):
     def get_impl_cls() -> type[FastKVCPUAttentionImpl]:
         return FastKVCPUAttentionImpl
 
+    @staticmethod
+    def get_builder_cls() -> type[FastKVTritonMetadataBuilder]:
+        return FastKVTritonMetadataBuilder
 
-class FastKVCPUAttentionImpl(TritonAttentionImpl):
+
+class TorchPagedAttentionImpl(TritonAttentionImpl):
     """Torch attention and cache writes; metadata comes from the Triton builder."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -119,3 +195,7 @@ class FastKVCPUAttentionImpl(TritonAttentionImpl):
     ) -> None:
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
         write_paged_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+class FastKVCPUAttentionImpl(_CompressAfterAttention, TorchPagedAttentionImpl):
+    """Torch paged attention, then KV compression of completed prompts."""

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from vllm.logger import init_logger
 
 from vllm_fastkv import __version__
-from vllm_fastkv.config import ADDITIONAL_CONFIG_KEY, FastKVConfig
+from vllm_fastkv.config import ADDITIONAL_CONFIG_KEY, FastKVConfig, FastKVConfigError
+from vllm_fastkv.request_overrides import install_request_overrides
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -34,12 +35,44 @@ def validate_engine_config(vllm_config: VllmConfig) -> FastKVConfig:
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = settings.model_dump()
     logger.info("FastKV settings: %s", settings.model_dump_json())
     if settings.compresses:
-        logger.warning(
-            "FastKV KV retention and token-selective propagation are not implemented in "
-            "vllm-fastkv %s yet: serving with the full KV cache.",
-            __version__,
-        )
+        _enable_retention(vllm_config)
+        install_request_overrides()
+        if settings.tsp_rate < 1.0 or settings.mode == "constant":
+            logger.warning(
+                "FastKV token-selective propagation is not implemented in vllm-fastkv %s yet: "
+                "every layer prefills the whole prompt (KV retention is active).",
+                __version__,
+            )
     return settings
+
+
+#: Schedulers with KV retention, for sync and async scheduling.
+SCHEDULERS = {
+    False: "vllm_fastkv.retention_scheduler.FastKVScheduler",
+    True: "vllm_fastkv.retention_scheduler.FastKVAsyncScheduler",
+}
+
+
+def _enable_retention(vllm_config: VllmConfig) -> None:
+    """Install the retention scheduler; turn off what retention cannot share blocks with."""
+    scheduler_config = vllm_config.scheduler_config
+    current = scheduler_config.scheduler_cls
+    if current is not None and current not in SCHEDULERS.values():
+        raise FastKVConfigError(
+            f"Invalid FastKV setting: KV retention needs its own scheduler, but "
+            f"scheduler_cls={current!r} is set (disable FastKV compression or drop it)"
+        )
+    if vllm_config.speculative_config is not None:
+        raise FastKVConfigError(
+            "Invalid FastKV setting: KV retention does not support speculative decoding yet "
+            "(set fastkv.enabled=false or drop --speculative-config)"
+        )
+    scheduler_config.scheduler_cls = SCHEDULERS[bool(scheduler_config.async_scheduling)]
+    cache_config = vllm_config.cache_config
+    if cache_config.enable_prefix_caching:
+        # Compaction rewrites a prompt's blocks: they must never be shared or reused.
+        logger.info("FastKV KV retention is on: prefix caching disabled.")
+        cache_config.enable_prefix_caching = False
 
 
 def engine_fastkv_config(vllm_config: VllmConfig) -> FastKVConfig:

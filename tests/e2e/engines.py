@@ -33,10 +33,20 @@ def engine_env(**overrides: str) -> dict[str, str]:
 
 
 def generate(
-    model: Path, prompts: list[list[int]], max_tokens: int, timeout: float = 600, **engine
+    model: Path,
+    prompts: list[list[int]],
+    max_tokens: int,
+    timeout: float = 600,
+    extra_args: list[dict | None] | None = None,
+    **engine,
 ) -> dict:
-    """Greedy-generate in a fresh process; returns {"tokens": [...], "backends": [...]}."""
-    spec = {"model": str(model), "engine": engine, "prompts": prompts, "max_tokens": max_tokens}
+    """Greedy-generate in a fresh process; returns {"tokens": [...], "backends": [...]}
+    and, the engine core running in that process, "scheduler" (block pool, FastKV totals).
+    ``extra_args`` are per-prompt ``SamplingParams.extra_args``."""
+    spec = {
+        "model": str(model), "engine": engine, "prompts": prompts, "max_tokens": max_tokens,
+        "extra_args": extra_args,
+    }  # fmt: skip
     env = engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
     proc = subprocess.run(
         [sys.executable, str(WORKER), json.dumps(spec)],

@@ -156,6 +156,43 @@ def test_unknown_model_is_404(http: httpx.Client):
     assert_serving(http)
 
 
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ({"retain_rate": 1.5}, ("fastkv.retain_rate=1.5",)),
+        ({"retain_rate": "lots"}, ("fastkv.retain_rate='lots'", "valid number")),
+        ({"bogus": 1}, ("fastkv.bogus", "unknown setting")),
+        ({"window": 4}, ("fastkv.window", "per deployment")),
+        ("fast", ("must be a JSON object",)),
+        ([0.2], ("must be a JSON object",)),
+    ],
+    ids=["out-of-range", "wrong-type", "unknown-key", "deployment-only", "string", "list"],
+)
+def test_malformed_fastkv_override_is_400(http: httpx.Client, override, fragments):
+    response = complete(http, prompt="hi", max_tokens=4, fastkv=override)
+    assert_error(response, 400, "Invalid FastKV setting", *fragments)
+    chat = http.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+              "fastkv": override},
+    )  # fmt: skip
+    assert_error(chat, 400, "Invalid FastKV setting", *fragments)
+    assert_serving(http)
+
+
+@pytest.mark.parametrize(
+    "override", [{"retain_rate": 0.5}, {"enabled": False}, {"mode": "constant",
+                                                            "max_capacity_prompt": 64}],
+    ids=["rate", "disabled", "constant"],
+)
+def test_fastkv_override_is_served(http: httpx.Client, override):
+    # 600 tokens: compressed under the server's default settings and the overrides.
+    body = dict(prompt=[11] * 600, max_tokens=8, ignore_eos=True, temperature=0)
+    response = complete(http, fastkv=override, **body)
+    assert response.status_code == 200, response.text[:500]
+    assert response.json()["usage"]["completion_tokens"] == 8
+
+
 # --- 2. concurrent burst ---------------------------------------------------------------------
 
 

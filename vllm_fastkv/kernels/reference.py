@@ -178,28 +178,44 @@ def select_propagated_ref(
     return select_retained_ref(scores.sum(dim=1, keepdim=True), seq_lens, keep, window)[0][:, 0]
 
 
+def check_compaction_starts(starts: torch.Tensor | None, num_seqs: int) -> None:
+    """Raise ``ValueError`` unless ``starts`` is ``None`` or an integer ``[num_seqs]``."""
+    if starts is None:
+        return
+    if starts.shape != (num_seqs,):
+        raise ValueError(f"starts must be [num_seqs] = [{num_seqs}], got {list(starts.shape)}")
+    if starts.dtype.is_floating_point or starts.dtype.is_complex or starts.dtype == torch.bool:
+        raise ValueError(f"starts must be an integer tensor, got {starts.dtype}")
+
+
 def compact_kv_ref(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     block_table: torch.Tensor,
     indices: torch.Tensor,
     counts: torch.Tensor,
+    *,
+    starts: torch.Tensor | None = None,
 ) -> None:
-    """In place: logical token ``r < counts[s]`` of sequence ``s``, KV head ``h`` becomes
-    the old logical token ``indices[s, h, r]``, for both K and V.
+    """In place: logical token ``starts[s] + r`` (``r < counts[s]``; ``starts`` ``None``
+    means zeros) of sequence ``s``, KV head ``h`` becomes the old logical token
+    ``indices[s, h, r]``, for both K and V.
 
-    Gathers every kept row before writing any, so no ordering question arises. Moves
-    bytes (through a ``uint8`` view), so fp8 caches work unchanged.
+    Gathers every kept row of every sequence before writing any, so no ordering question
+    arises. Moves bytes (through a ``uint8`` view), so fp8 caches work unchanged.
     """
+    check_compaction_starts(starts, indices.shape[0])
     block_size = key_cache.shape[1]
     heads = torch.arange(key_cache.shape[2], device=key_cache.device)[:, None]
+    start_list = [0] * len(counts) if starts is None else starts.tolist()
     for cache in (key_cache, value_cache):
         raw = cache.view(torch.uint8)
+        kept = []  # copies: [heads, count, bytes] per sequence
         for s, count in enumerate(counts.tolist()):
             blocks = block_table[s].long()
-            src = indices[s, :, :count]  # [heads, count]
-            dst = torch.arange(count, device=cache.device)
-            kept = raw[
-                blocks[src // block_size], src % block_size, heads
-            ]  # a copy: [heads, count, bytes]
-            raw[blocks[dst // block_size], dst % block_size, heads] = kept
+            src = indices[s, :, :count].long()  # [heads, count]
+            kept.append(raw[blocks[src // block_size], src % block_size, heads])
+        for s, count in enumerate(counts.tolist()):
+            blocks = block_table[s].long()
+            dst = start_list[s] + torch.arange(count, device=cache.device)
+            raw[blocks[dst // block_size], dst % block_size, heads] = kept[s]

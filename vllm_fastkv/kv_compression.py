@@ -1,0 +1,55 @@
+"""Compress a layer's prompt KV in place, right after that layer's attention.
+
+Runs inside the attention layer of the step that completes a prompt: the layer's KV for
+the whole prompt is in the paged cache, and the prompt's last ``window`` queries are in
+this step's query tensor. Scoring, per-head top-k and tail-aligned compaction
+(:mod:`vllm_fastkv.retention`) then leave the selected entries in slots ``[S, T)``.
+
+On CUDA the Triton kernels of :mod:`vllm_fastkv.kernels` do the work; on CPUs (no Triton
+backend) their torch references, which compute the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_fastkv import kernels
+from vllm_fastkv.retention_metadata import CompressionBatch
+
+
+def compress_prompt_kv(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: CompressionBatch,
+    *,
+    scale: float,
+    k_scale: float = 1.0,
+) -> None:
+    """Keep ``batch.budgets[i]`` entries per KV head of each row's prompt, at ``[S, T)``.
+
+    Args:
+        query: ``[num_tokens, num_q_heads, head_dim]``, this step's queries (RoPE applied).
+        key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` views
+            of the layer's cache (fp8 caches as their fp8 dtype, dequantised by ``k_scale``).
+        batch: the rows whose prompt completes in this step.
+        scale: the attention's softmax scale.
+    """
+    window = batch.window
+    offsets = torch.arange(-window, 0, device=query.device)
+    window_queries = query[batch.query_ends[:, None] + offsets]  # [n, w, heads, dim]
+    if key_cache.is_cuda:
+        window_scores, select, compact = (
+            kernels.window_scores, kernels.select_retained, kernels.compact_kv
+        )
+    else:
+        window_scores, select, compact = (
+            kernels.window_scores_ref, kernels.select_retained_ref, kernels.compact_kv_ref
+        )
+    scores = window_scores(
+        window_queries, key_cache, batch.block_tables, batch.prompt_lens,
+        scale=scale, window=window, pool_kernel=batch.pool_kernel, pooling=batch.pooling,
+        k_scale=k_scale,
+    )  # fmt: skip
+    indices, counts = select(scores, batch.prompt_lens, batch.budgets, window)
+    compact(key_cache, value_cache, batch.block_tables, indices, counts, starts=batch.starts)

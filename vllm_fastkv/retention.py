@@ -1,0 +1,106 @@
+"""KV retention planning: which prompt KV a request keeps, in whole blocks.
+
+Shared by the scheduler (which frees blocks) and the workers (which compact the cache and
+attend over what is left), so both sides derive the same layout from the same numbers.
+
+Layout (docs/design.md, "tail-aligned compaction"): a prompt of ``T`` tokens with budget
+``B`` keeps its selected entries in the logical slots ``[S, T)``, where
+``S = floor((T - B) / block_size) * block_size``. Each layer and KV head keeps
+``T - S`` entries (the budget rounded up to whole blocks, ``B <= T - S < B + block_size``),
+the leading ``S / block_size`` blocks are dead for every layer and go back to vLLM's
+block pool, and new tokens keep their logical slots ``T, T + 1, ...`` so positions,
+slot mappings and vLLM's token accounting never change.
+
+Nothing here imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_fastkv.config import ADDITIONAL_CONFIG_KEY, FastKVConfig, FastKVConfigError
+
+#: The key of a request's FastKV overrides in ``SamplingParams.extra_args``.
+REQUEST_OVERRIDES_KEY = ADDITIONAL_CONFIG_KEY
+
+#: Per-request settings a client may override. The rest belong to the deployment: the
+#: scoring settings are shared by every prompt a step compresses in one batch.
+REQUEST_OVERRIDABLE = frozenset({"enabled", "retain_rate", "mode", "max_capacity_prompt"})
+
+
+@dataclass(frozen=True)
+class PromptRetention:
+    """How one request's prompt KV is compressed: keep slots ``[start, prompt_len)``."""
+
+    prompt_len: int
+    start: int
+
+    @property
+    def kept(self) -> int:
+        """Entries kept per layer and KV head (the block-rounded budget ``B'``)."""
+        return self.prompt_len - self.start
+
+
+@dataclass
+class RetentionStepPlan:
+    """What one scheduler step asks of the workers; travels on ``SchedulerOutput``.
+
+    ``compress``: requests whose prompt is complete after this step; each layer compacts
+    their KV right after its attention (which still sees the whole prompt).
+    ``starts``: requests compressed in an earlier step; attention reads their blocks
+    from ``start`` on (the blocks before it may already belong to other requests).
+    """
+
+    compress: dict[str, PromptRetention] = field(default_factory=dict)
+    starts: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.compress or self.starts)
+
+
+#: Attribute of vLLM's ``SchedulerOutput`` that carries the step plan to the workers.
+STEP_PLAN_ATTR = "fastkv_retention"
+
+
+def request_settings(
+    engine: FastKVConfig, extra_args: Mapping[str, Any] | None
+) -> FastKVConfig:
+    """The engine settings with a request's ``extra_args["fastkv"]`` overrides applied.
+
+    Raises :class:`~vllm_fastkv.config.FastKVConfigError` naming the offending field
+    (``fastkv.retain_rate=...``) for unknown, non-overridable or invalid values.
+    """
+    overrides = (extra_args or {}).get(REQUEST_OVERRIDES_KEY)
+    if overrides is None:
+        return engine
+    if not isinstance(overrides, Mapping):
+        raise FastKVConfigError(
+            f"Invalid FastKV setting: request {REQUEST_OVERRIDES_KEY} must be a JSON object, "
+            f"got {type(overrides).__name__}"
+        )
+    fixed = sorted(set(overrides) & (set(FastKVConfig.model_fields) - REQUEST_OVERRIDABLE))
+    if fixed:
+        raise FastKVConfigError(
+            f"Invalid FastKV setting {REQUEST_OVERRIDES_KEY}.{fixed[0]}: set per deployment, "
+            f"not per request (per request: {', '.join(sorted(REQUEST_OVERRIDABLE))})"
+        )
+    return FastKVConfig.validated({**engine.model_dump(), **overrides})
+
+
+def plan_retention(
+    settings: FastKVConfig, prompt_len: int, block_size: int
+) -> PromptRetention | None:
+    """The retention layout of a ``prompt_len``-token prompt, or None to keep it whole.
+
+    A prompt is left alone when FastKV is disabled for it or when its budget is within
+    one block of its length (nothing could be freed).
+    """
+    if not settings.enabled or settings.retain_rate >= 1.0 and settings.mode == "proportional":
+        return None
+    budget = settings.retention_budget(prompt_len)
+    start = (prompt_len - budget) // block_size * block_size
+    if start <= 0:
+        return None
+    return PromptRetention(prompt_len=prompt_len, start=start)

@@ -1,0 +1,270 @@
+"""The worker side of KV retention: per-step plan rows and the attention's view.
+
+The scheduler's :class:`~vllm_fastkv.retention.RetentionStepPlan` names requests; the
+attention metadata builders see batch rows. Two small hooks on vLLM's model runners (the
+V1 runner used on CPUs, the V2 runner used on GPUs) publish, once a step's batch order is
+fixed, which request sits in which row; :class:`RetentionMetadataBuilderMixin` then
+
+* shifts every compressed row's block table by ``start / block_size`` and its sequence
+  length by ``start``, so attention reads slots ``[start, seq_len)`` only (the blocks
+  before ``start`` are back in vLLM's pool), and
+* hands the attention layers a :class:`CompressionBatch` for the rows whose prompt
+  completes in this step.
+
+The shifted tables and lengths live in buffers allocated once per builder and rewritten
+in place every step, compression or not, so CUDA graphs captured through this builder
+replay against the same addresses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from vllm_fastkv.config import FastKVConfig
+from vllm_fastkv.engine_config import engine_fastkv_config
+from vllm_fastkv.retention import STEP_PLAN_ATTR, PromptRetention, RetentionStepPlan
+
+#: Attribute of a built attention metadata object holding its :class:`CompressionBatch`.
+COMPRESSION_ATTR = "fastkv_compression"
+
+
+@dataclass
+class StepRows:
+    """A step's plan and the request of each batch row, as the runner ordered them."""
+
+    req_ids: list[str]
+    plan: RetentionStepPlan
+
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        """Per row: the first slot attention reads (0 for uncompressed requests)."""
+        return [self.plan.starts.get(req_id, 0) for req_id in self.req_ids]
+
+    @functools.cached_property
+    def compress_rows(self) -> list[tuple[int, PromptRetention]]:
+        return [
+            (row, self.plan.compress[req_id])
+            for row, req_id in enumerate(self.req_ids)
+            if req_id in self.plan.compress
+        ]
+
+
+_current_step: StepRows | None = None
+
+
+def current_step() -> StepRows | None:
+    """The step being executed by this worker's runner, if it carries a retention plan."""
+    return _current_step
+
+
+def publish_step(scheduler_output: Any, req_ids: list[str]) -> None:
+    global _current_step
+    plan = getattr(scheduler_output, STEP_PLAN_ATTR, None)
+    _current_step = StepRows(list(req_ids), plan) if plan else None
+
+
+def _clear_step() -> None:
+    global _current_step
+    _current_step = None
+
+
+def install_runner_hooks() -> None:
+    """Wrap the loaded model runners so each step publishes its rows (idempotent).
+
+    V1 (``GPUModelRunner``, also the CPU runner's base): rows are final once
+    ``_prepare_inputs`` returns (reordering happens before it), in ``input_batch.req_ids``.
+    V2 (``vllm.v1.worker.gpu.model_runner``): ``prepare_inputs`` returns the batch.
+    Both clear the step when ``execute_model`` returns, so dummy and profiling runs,
+    which build metadata without a scheduler step, never see a stale plan.
+    """
+    import sys
+
+    v1 = sys.modules.get("vllm.v1.worker.gpu_model_runner")
+    if v1 is not None:
+        _wrap_v1(v1.GPUModelRunner)
+    v2 = sys.modules.get("vllm.v1.worker.gpu.model_runner")
+    if v2 is not None:
+        _wrap_v2(v2.GPUModelRunner)
+
+
+def _wrap_execute(cls: type) -> None:
+    inner = cls.execute_model
+
+    @functools.wraps(inner)
+    def execute_model(self, *args, **kwargs):
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            _clear_step()
+
+    cls.execute_model = execute_model
+
+
+def _wrap_v1(cls: type) -> None:
+    if getattr(cls, "_fastkv_hooked", False):
+        return
+    inner = cls._prepare_inputs
+
+    @functools.wraps(inner)
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        result = inner(self, scheduler_output, *args, **kwargs)
+        num_reqs = len(scheduler_output.num_scheduled_tokens)
+        publish_step(scheduler_output, self.input_batch.req_ids[:num_reqs])
+        return result
+
+    cls._prepare_inputs = _prepare_inputs
+    _wrap_execute(cls)
+    cls._fastkv_hooked = True
+
+
+def _wrap_v2(cls: type) -> None:
+    if getattr(cls, "_fastkv_hooked", False):
+        return
+    inner = cls.prepare_inputs
+
+    @functools.wraps(inner)
+    def prepare_inputs(self, scheduler_output, *args, **kwargs):
+        input_batch = inner(self, scheduler_output, *args, **kwargs)
+        publish_step(scheduler_output, input_batch.req_ids)
+        return input_batch
+
+    cls.prepare_inputs = prepare_inputs
+    _wrap_execute(cls)
+    cls._fastkv_hooked = True
+
+
+@dataclass
+class CompressionBatch:
+    """The rows whose prompt completes in this step, ready for the attention layers.
+
+    Host lists serve the selection's bookkeeping; tensors live on the cache's device.
+    """
+
+    rows: list[int]
+    retained: list[PromptRetention]
+    query_ends: torch.Tensor  # int64 [n]: one past each row's last query token
+    block_tables: torch.Tensor  # int32 [n, max_blocks]: the rows' full block tables
+    prompt_lens: torch.Tensor  # int32 [n]
+    budgets: torch.Tensor  # int64 [n]: entries kept per head, T - start
+    starts: torch.Tensor  # int64 [n]: first slot of the kept entries
+    window: int
+    pool_kernel: int
+    pooling: str
+
+
+class RetentionViews:
+    """Persistent block-table and sequence-length buffers with compressed rows shifted."""
+
+    def __init__(
+        self, settings: FastKVConfig, max_rows: int, block_size: int, device: torch.device
+    ) -> None:
+        self.settings = settings
+        self.max_rows = max_rows
+        self.block_size = block_size
+        self.device = device
+        self.block_table: torch.Tensor | None = None
+        self.seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self.skip_blocks = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self._skip_host = torch.zeros(max_rows, dtype=torch.int64, pin_memory=_pinned(device))
+        self._columns: torch.Tensor | None = None
+
+    def apply(
+        self, common: CommonAttentionMetadata, step: StepRows | None
+    ) -> CommonAttentionMetadata:
+        table = common.block_table_tensor
+        rows, width = table.shape
+        seq_rows = common.seq_lens.shape[0]
+        if rows > self.max_rows or seq_rows > self.max_rows:
+            raise ValueError(f"{rows} batch rows exceed the {self.max_rows} FastKV buffers hold")
+        if self.block_table is None or self.block_table.shape[1] != width:
+            self.block_table = torch.zeros(
+                self.max_rows, width, dtype=table.dtype, device=self.device
+            )
+            self._columns = torch.arange(width, device=self.device)
+        out_table = self.block_table[:rows]
+        out_lens = self.seq_lens[:seq_rows]
+        starts = step.starts if step is not None else []
+        if any(starts):
+            skip = self._skip_host[: max(rows, seq_rows)]
+            skip.zero_()
+            skip[: len(starts)] = torch.tensor(starts, dtype=torch.int64) // self.block_size
+            skip_blocks = self.skip_blocks[: skip.numel()]
+            skip_blocks.copy_(skip, non_blocking=True)
+            columns = self._columns[None, :] + skip_blocks[:rows, None]
+            shifted = table.gather(1, columns.clamp_(max=width - 1))
+            out_table.copy_(shifted.masked_fill_(columns >= width, 0))
+            torch.sub(common.seq_lens, skip_blocks[:seq_rows] * self.block_size, out=out_lens)
+        else:
+            out_table.copy_(table)
+            out_lens.copy_(common.seq_lens)
+        return dataclasses.replace(common, block_table_tensor=out_table, seq_lens=out_lens)
+
+    def compression_batch(
+        self, common: CommonAttentionMetadata, step: StepRows | None
+    ) -> CompressionBatch | None:
+        """The compressing rows of ``common`` (built before the shift: they have none)."""
+        if step is None or not step.compress_rows:
+            return None
+        rows = [row for row, _ in step.compress_rows]
+        retained = [r for _, r in step.compress_rows]
+        ends = common.query_start_loc_cpu[torch.tensor(rows) + 1].to(torch.int64)
+        index = torch.tensor(rows, device=self.device)
+        return CompressionBatch(
+            rows=rows,
+            retained=retained,
+            query_ends=ends.to(self.device),
+            block_tables=common.block_table_tensor.index_select(0, index),
+            prompt_lens=torch.tensor([r.prompt_len for r in retained], dtype=torch.int32,
+                                     device=self.device),
+            budgets=torch.tensor([r.kept for r in retained], device=self.device),
+            starts=torch.tensor([r.start for r in retained], device=self.device),
+            window=self.settings.window,
+            pool_kernel=self.settings.pool_kernel,
+            pooling=self.settings.pooling,
+        )
+
+
+def _pinned(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+class RetentionMetadataBuilderMixin:
+    """Mix into a vLLM attention metadata builder (before it in the bases)."""
+
+    # The runner may not hand this builder's metadata a different block table.
+    supports_update_block_table: bool = False
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.fastkv_views: RetentionViews | None = None
+        settings = engine_fastkv_config(vllm_config)
+        if settings.compresses:
+            self.fastkv_views = RetentionViews(
+                settings, vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.block_size,
+                device,
+            )
+            install_runner_hooks()
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+        **kwargs: Any,
+    ):
+        views = self.fastkv_views
+        if views is None:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
+        step = current_step()
+        batch = views.compression_batch(common_attn_metadata, step)
+        shifted = views.apply(common_attn_metadata, step)
+        # Cascade attention assumes one shared, unshifted prefix: never with retention.
+        metadata = super().build(0, shifted, fast_build, **kwargs)
+        setattr(metadata, COMPRESSION_ATTR, batch)
+        return metadata

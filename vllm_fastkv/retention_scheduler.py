@@ -1,0 +1,159 @@
+"""The scheduler side of KV retention: plan compressions, free the dead leading blocks.
+
+``FastKVScheduler`` / ``FastKVAsyncScheduler`` are vLLM's own schedulers (sync and async
+scheduling) with three additions, installed by the plugin through
+``scheduler_config.scheduler_cls`` when an engine compresses:
+
+* chunk steering: a prompt's final prefill chunk is never shorter than the observation
+  window, so the window's queries are all in the step that completes the prompt (through
+  the scheduler's chunk-end hook, ``_mamba_block_aligned_split``, which vLLM calls for
+  every prefill chunk when ``need_mamba_block_aligned_split`` is set);
+* a per-step :class:`~vllm_fastkv.retention.RetentionStepPlan` on the ``SchedulerOutput``
+  (which prompts complete now and are compressed by the workers; which requests attend
+  from a start slot);
+* after the step that compressed a prompt has run, its leading blocks are replaced by
+  vLLM's null block and returned to the pool, exactly as vLLM's sliding-window manager
+  frees out-of-window blocks, so the scheduler admits more requests by its ordinary
+  free-block count.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+
+from vllm_fastkv.config import FastKVConfigError
+from vllm_fastkv.engine_config import engine_fastkv_config
+from vllm_fastkv.retention import (
+    STEP_PLAN_ATTR,
+    PromptRetention,
+    RetentionStepPlan,
+    plan_retention,
+    request_settings,
+)
+from vllm_fastkv.retention_stats import RetentionStats
+
+logger = init_logger(f"vllm.{__name__}")
+
+
+class _RetentionSchedulerMixin(Scheduler):
+    """KV retention on top of vLLM's scheduler (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fastkv = engine_fastkv_config(self.vllm_config)
+        groups = self.kv_cache_config.kv_cache_groups
+        if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+            raise FastKVConfigError(
+                "Invalid FastKV setting: KV retention needs a model whose layers all use "
+                f"full attention in one KV cache group (got {len(groups)} groups)"
+            )
+        self.fastkv_block_size = groups[0].kv_cache_spec.block_size
+        # The observation window must arrive whole in the prompt's final step; a
+        # one-token final chunk would also look like a decode step to the runners.
+        self.fastkv_min_final_chunk = max(self.fastkv.window, 2)
+        self.need_mamba_block_aligned_split = True
+        self.fastkv_retained: dict[str, PromptRetention] = {}
+        self.fastkv_stats = RetentionStats()
+
+    # ------------------------------------------------------------- chunk steering
+    def _mamba_block_aligned_split(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        num_new_local_computed_tokens: int = 0,
+        num_external_computed_tokens: int = 0,
+    ) -> int:
+        start = (
+            request.num_computed_tokens
+            + num_new_local_computed_tokens
+            + num_external_computed_tokens
+        )
+        prompt_len = request.num_prompt_tokens
+        end = start + num_new_tokens
+        last_chunk_start = prompt_len - self.fastkv_min_final_chunk
+        if start < last_chunk_start < end < prompt_len:
+            # Stop where the rest is exactly one window, not a sliver of it.
+            return last_chunk_start - start
+        return num_new_tokens
+
+    # ------------------------------------------------------------- planning
+    def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
+        plan = RetentionStepPlan()
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            retained = self.fastkv_retained.get(req_id)
+            if retained is not None:
+                plan.starts[req_id] = retained.start
+                continue
+            request = self.requests[req_id]
+            computed = request.num_computed_tokens
+            if not computed < request.num_prompt_tokens <= computed + num_tokens:
+                continue
+            prompt_len = computed + num_tokens
+            if num_tokens < min(self.fastkv.window, prompt_len):
+                # Only after preemption can a final chunk miss part of the window.
+                logger.debug("FastKV: request %s keeps its full KV (short final chunk)", req_id)
+                continue
+            settings = self._request_settings(request)
+            retained = plan_retention(settings, prompt_len, self.fastkv_block_size)
+            if retained is not None:
+                plan.compress[req_id] = retained
+                self.fastkv_retained[req_id] = retained
+        setattr(scheduler_output, STEP_PLAN_ATTR, plan)
+        super()._update_after_schedule(scheduler_output)
+
+    def _request_settings(self, request: Request):
+        try:
+            params = request.sampling_params
+            return request_settings(self.fastkv, params.extra_args if params else None)
+        except FastKVConfigError as exc:
+            # Front ends reject these (HTTP 400); a caller that bypasses them must not be
+            # able to stop the engine, so the engine's own settings apply.
+            logger.warning("FastKV: request %s: %s; using the engine settings",
+                           request.request_id, exc)
+            return self.fastkv
+
+    # ------------------------------------------------------------- freeing
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        plan: RetentionStepPlan | None = getattr(scheduler_output, STEP_PLAN_ATTR, None)
+        if plan is not None and plan.compress:
+            began = time.perf_counter()
+            for req_id, retained in plan.compress.items():
+                # The request may have finished or been preempted (its blocks are gone)
+                # since this step was scheduled.
+                if self.fastkv_retained.get(req_id) is retained:
+                    self._free_leading_blocks(req_id, retained)
+            self.fastkv_stats.observe_free_seconds(time.perf_counter() - began)
+        return outputs
+
+    def _free_leading_blocks(self, req_id: str, retained: PromptRetention) -> None:
+        num_blocks = retained.start // self.fastkv_block_size
+        free_before = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            manager._remove_blocks_in_range(req_id, 0, num_blocks)
+        freed = self.kv_cache_manager.block_pool.get_num_free_blocks() - free_before
+        self.fastkv_stats.observe_compression(retained.prompt_len, retained.kept, freed)
+
+    def _free_request_blocks(self, request: Request) -> None:
+        # Finished or preempted: a preempted request is recomputed from scratch and
+        # planned again when its prompt completes.
+        self.fastkv_retained.pop(request.request_id, None)
+        super()._free_request_blocks(request)
+
+
+class FastKVScheduler(_RetentionSchedulerMixin, Scheduler):
+    """vLLM's scheduler with FastKV KV retention."""
+
+
+class FastKVAsyncScheduler(_RetentionSchedulerMixin, AsyncScheduler):
+    """vLLM's async scheduler with FastKV KV retention."""
