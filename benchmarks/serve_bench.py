@@ -12,7 +12,8 @@ prompts for every measurement, so prefix caching never hides prefill):
 - TTFT: median over ``--reps`` of ``generate(prompt, max_tokens=1)`` at batch 1.
 - decode: for batch B, ``t1 = generate(B prompts, max_tokens=1)`` and
   ``tN = generate(B other prompts, max_tokens=1 + N)``; TPOT = (tN - t1) / N and
-  output throughput = B * N / (tN - t1).
+  output throughput = B * N / (tN - t1). A batch whose KV does not fit the pool runs in
+  waves, as a server would run it (``fits_kv_pool`` says so).
 - KV blocks: the scheduler's free-block count is read after every scheduling step;
   peak use = total - minimum free. max_concurrent = requests of (prompt + output)
   tokens that the KV pool holds, from the number of blocks the engine allocated.
@@ -201,9 +202,6 @@ def run_worker(args: argparse.Namespace) -> None:
         # the whole prompt's blocks while it prefills, so the pool check stays on those.
         held_blocks = per_request_blocks - _freed_blocks(args, prompt_len, block_size)
         for batch in args.batches:
-            if batch * per_request_blocks > watcher.total:
-                emit(kind="decode", prompt_len=prompt_len, batch=batch, skipped="exceeds KV pool")
-                continue
             t_prefill = _timed(llm, _prompts(rng, batch, prompt_len, vocab), 1)
             watcher.reset()
             t_full = _timed(llm, _prompts(rng, batch, prompt_len, vocab), 1 + n)
@@ -219,6 +217,8 @@ def run_worker(args: argparse.Namespace) -> None:
                 total_s=round(t_full, 3),
                 peak_kv_blocks=watcher.peak_used,
                 max_concurrent=watcher.total // held_blocks,
+                # Otherwise the engine runs the batch in waves (the rest waits for blocks).
+                fits_kv_pool=batch * held_blocks <= watcher.total,
             )
 
     for prompt_len in args.concurrency_len:

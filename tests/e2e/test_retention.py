@@ -2,9 +2,15 @@
 
 The reference (:mod:`vllm_fastkv.reference`) scores, selects and decodes on dense
 tensors; vLLM compresses the paged cache in place, frees whole blocks and decodes on what
-is left. Equal greedy tokens on random-weight models (where a single different retained
-entry changes the continuation) prove the same entries were kept for every layer and KV
-head, and that decode reads exactly them at the right positions.
+is left. On random-weight models a single different retained entry changes the
+continuation, so agreement proves the same entries were kept for every layer and KV head
+and that decode reads exactly them at the right positions:
+
+* CPU (fp32 engine): identical greedy tokens.
+* GPU (fp16 FlashAttention, Triton kernels, V2 runner, CUDA graphs): every token vLLM
+  picks is the fp32 reference's greedy choice on its compressed cache up to
+  ``GPU_LOGIT_TOLERANCE`` (teacher forcing). Decoding on a wrong cache (e.g. the full
+  one) misses by several logits; fp16 noise stays below 0.1 on these models.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.e2e.engines import generate
 from vllm_fastkv.config import FastKVConfig
-from vllm_fastkv.reference import generate as reference_generate
+from vllm_fastkv.reference import fastkv_prefill, forced_decode_logits, greedy_decode
 from vllm_fastkv.retention import plan_retention
 
 BLOCK = 16
@@ -29,14 +35,15 @@ ENGINE = dict(
     max_model_len=1024,
     block_size=BLOCK,
     enable_chunked_prefill=True,
-    # FlashAttention (FASTKV's base on GPUs) runs half precision only.
-    dtype="bfloat16" if ON_GPU else "float32",
+    # FlashAttention (FASTKV's base on GPUs) runs half precision only; fp16 keeps its
+    # noise far below the effect of a wrong cache (bf16's does not, on random weights).
+    dtype="float16" if ON_GPU else "float32",
     seed=0,
-    enforce_eager=True,
+    # GPUs: torch.compile and CUDA graphs (decode replays graphs over shifted tables).
+    enforce_eager=not ON_GPU,
     attention_backend="FASTKV",
 )
-#: Token-exact comparisons with the fp32 torch reference need fp32 engines (CPU).
-exact_reference = pytest.mark.skipif(ON_GPU, reason="bf16 on GPUs; the reference is fp32")
+GPU_LOGIT_TOLERANCE = 0.5
 
 
 def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -50,20 +57,41 @@ def _kept(settings: dict, prompt_len: int) -> int:
     return prompt_len if plan is None else plan.kept
 
 
-def _reference(model_dir, prompts: list[list[int]], settings: list[dict]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    tokens = []
-    for ids, s in zip(prompts, settings):
-        kept = _kept(s, len(ids))
-        out = reference_generate(
-            model, ids, MAX_TOKENS, policy="fastkv", mode="constant", max_capacity_prompt=kept,
-            tsp_rate=1.0, tsp_len=len(ids),
-        )  # fmt: skip
-        tokens.append(out.tolist())
-    return tokens
+def _load(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-@exact_reference
+def _prefill(model, ids: list[int], settings: dict):
+    """The reference prefill at vLLM's block-rounded budget (retention only)."""
+    return fastkv_prefill(
+        model, ids, policy="fastkv", mode="constant", max_capacity_prompt=_kept(settings, len(ids)),
+        tsp_rate=1.0, tsp_len=len(ids),
+    )  # fmt: skip
+
+
+def _logit_gaps(model, prompts, settings: list[dict], tokens: list[list[int]]) -> list[float]:
+    """Per prompt, the largest (reference max logit - logit of the token vLLM chose)."""
+    gaps = []
+    for ids, s, out in zip(prompts, settings, tokens):
+        logits = forced_decode_logits(model, _prefill(model, ids, s), out)
+        chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
+        gaps.append((logits.max(dim=-1).values - chosen).max().item())
+    return gaps
+
+
+def assert_matches_reference(model_dir, prompts, settings: list[dict], tokens) -> None:
+    model = _load(model_dir)
+    if ON_GPU:
+        gaps = _logit_gaps(model, prompts, settings, tokens)
+        assert max(gaps) <= GPU_LOGIT_TOLERANCE, gaps
+    else:
+        expected = [
+            greedy_decode(model, _prefill(model, ids, s), MAX_TOKENS).tolist()
+            for ids, s in zip(prompts, settings)
+        ]
+        assert tokens == expected
+
+
 @pytest.mark.parametrize(
     ("model_fixture", "chunk"),
     [("tiny_llama", 64), ("tiny_llama", 1024), ("tiny_qwen2", 48)],
@@ -80,7 +108,7 @@ def test_retention_matches_reference(request, model_fixture, chunk):
         additional_config={"fastkv": RETENTION}, **ENGINE,
     )  # fmt: skip
     assert result["backends"] == ["FASTKV"]
-    assert result["tokens"] == _reference(model, prompts, [RETENTION] * len(prompts))
+    assert_matches_reference(model, prompts, [RETENTION] * len(prompts), result["tokens"])
 
     sched = result["scheduler"]
     starts = [n - _kept(RETENTION, n) for n in lengths]
@@ -93,14 +121,19 @@ def test_retention_matches_reference(request, model_fixture, chunk):
 
 
 def test_compression_changes_the_output(tiny_llama):
-    """Guard for the test above: at these settings retention is not a no-op."""
-    prompts = _prompts([300])
-    full = _reference(tiny_llama, prompts, [{"enabled": False}])
-    kept = _reference(tiny_llama, prompts, [RETENTION])
+    """Guard for the checks above: at these settings a cache that was not compressed
+    (or compressed wrongly) fails them by a wide margin."""
+    model = _load(tiny_llama)
+    prompts = _prompts([150, 300])
+    full = [greedy_decode(model, _prefill(model, ids, {"enabled": False}), MAX_TOKENS).tolist()
+            for ids in prompts]  # fmt: skip
+    kept = [greedy_decode(model, _prefill(model, ids, RETENTION), MAX_TOKENS).tolist()
+            for ids in prompts]  # fmt: skip
     assert full != kept
+    gaps = _logit_gaps(model, prompts, [RETENTION] * 2, full)
+    assert min(gaps) > 4 * GPU_LOGIT_TOLERANCE, gaps
 
 
-@exact_reference
 def test_per_request_overrides(tiny_llama):
     """``extra_args["fastkv"]`` changes one request's budget or turns retention off."""
     prompts = _prompts([300, 300, 300], seed=1)
@@ -110,7 +143,7 @@ def test_per_request_overrides(tiny_llama):
         additional_config={"fastkv": RETENTION}, extra_args=overrides, **ENGINE,
     )  # fmt: skip
     settings = [RETENTION, {**RETENTION, "retain_rate": 0.5}, {"enabled": False}]
-    assert result["tokens"] == _reference(tiny_llama, prompts, settings)
+    assert_matches_reference(tiny_llama, prompts, settings, result["tokens"])
     assert result["scheduler"]["compressed_prompts"] == 2
 
 
@@ -128,30 +161,3 @@ def test_preemption_under_a_small_pool(tiny_llama):
     assert [len(t) for t in result["tokens"]] == [48] * len(prompts)
     assert sched["free_blocks_end"] == sched["free_blocks_start"]
     assert sched["compressed_prompts"] >= len(prompts)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and the Triton kernels need a GPU")
-def test_retention_on_gpu_graphs_match_eager(tiny_llama):
-    """GPU (V2 runner): Triton scoring/compaction, decode under CUDA graphs reading the
-    shifted block tables, same tokens as eager mode, exact block accounting."""
-    lengths = [20, 131, 300, 517, 333, 150]
-    prompts = _prompts(lengths, seed=3)
-    runs = {
-        eager: generate(
-            tiny_llama, prompts, MAX_TOKENS, max_num_batched_tokens=64,
-            additional_config={"fastkv": RETENTION}, **{**ENGINE, "enforce_eager": eager},
-        )  # fmt: skip
-        for eager in (True, False)
-    }
-    assert runs[False]["tokens"] == runs[True]["tokens"]
-    for result in runs.values():
-        sched = result["scheduler"]
-        starts = [n - _kept(RETENTION, n) for n in lengths]
-        assert sched["freed_blocks"] == sum(s // BLOCK for s in starts)
-        assert sched["free_blocks_end"] == sched["free_blocks_start"]
-    # Compression is not a no-op here either.
-    full = generate(
-        tiny_llama, prompts, MAX_TOKENS, max_num_batched_tokens=64,
-        additional_config={"fastkv": {"enabled": False}}, **ENGINE,
-    )  # fmt: skip
-    assert full["tokens"] != runs[True]["tokens"]

@@ -193,26 +193,59 @@ def greedy_decode(
     not from the number of kept entries) and attends to every layer's retained
     entries plus the generated tokens before it. Stops after ``eos_token_id``.
     """
-    backbone = model.model
     _check_sliding_window(model.config, prefill.prompt_len + max_new_tokens)
-    caches = [(layer.keys, layer.values) for layer in prefill.layers]
+    step = _Decoder(model, prefill)
     token = prefill.logits.argmax()
     generated = [token]
-    position = prefill.prompt_len
     while len(generated) < max_new_tokens and token.item() != eos_token_id:
-        hidden = backbone.embed_tokens(token.reshape(1))
-        positions = torch.tensor([position], device=hidden.device)
-        for index, layer in enumerate(backbone.layers):
-            hidden, _, keys, values = _decoder_layer(
-                layer, hidden, positions, backbone.rotary_emb, past=caches[index]
-            )
-            caches[index] = (keys, values)
-        token = model.lm_head(backbone.norm(hidden))[0].argmax()
+        token = step(token).argmax()
         generated.append(token)
-        position += 1
     return torch.stack(generated)
 
 
+@torch.inference_mode()
+def forced_decode_logits(
+    model: nn.Module, prefill: PrefillResult, tokens: torch.Tensor | list[int]
+) -> torch.Tensor:
+    """fp32 ``[n, vocab]`` logits that predicted each of ``tokens`` (teacher forcing).
+
+    Row 0 is the prefill's; row ``i`` comes from decoding ``tokens[:i]`` on the retained
+    cache, as :func:`greedy_decode` would. Lets a test check that another implementation's
+    output is the reference's greedy choice up to numerical ties, without requiring
+    bit-identical arithmetic (bf16 kernels, CUDA graphs).
+    """
+    tokens = torch.as_tensor(tokens).reshape(-1)
+    _check_sliding_window(model.config, prefill.prompt_len + tokens.numel())
+    step = _Decoder(model, prefill)
+    rows = [prefill.logits]
+    for token in tokens[:-1]:
+        rows.append(step(token))
+    return torch.stack(rows)
+
+
+class _Decoder:
+    """One-token decode steps on a prefill's retained caches (positions ``T, T+1, ...``)."""
+
+    def __init__(self, model: nn.Module, prefill: PrefillResult) -> None:
+        self.model = model
+        self.caches = [(layer.keys, layer.values) for layer in prefill.layers]
+        self.position = prefill.prompt_len
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        backbone = self.model.model
+        device = backbone.embed_tokens.weight.device
+        hidden = backbone.embed_tokens(token.reshape(1).to(device))
+        positions = torch.tensor([self.position], device=device)
+        for index, layer in enumerate(backbone.layers):
+            hidden, _, keys, values = _decoder_layer(
+                layer, hidden, positions, backbone.rotary_emb, past=self.caches[index]
+            )
+            self.caches[index] = (keys, values)
+        self.position += 1
+        return self.model.lm_head(backbone.norm(hidden))[0].float()
+
+
+@torch.inference_mode()
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor | list[int],
