@@ -45,6 +45,8 @@ def main() -> None:
     scheduler = _in_process_scheduler(llm)
     counts = {"preemptions": 0}
     if scheduler is not None:
+        counts["scheduler_cls"] = type(scheduler).__name__
+        counts["prefix_caching"] = bool(scheduler.cache_config.enable_prefix_caching)
         counts["free_blocks_start"] = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
         _count_preemptions(scheduler, counts)
     outputs = llm.generate(prompts, params, use_tqdm=False)

@@ -4,8 +4,9 @@
   (Triton, reads the paged key cache directly).
 * :func:`select_retained` / :func:`select_propagated`: per-head KV retention sets and the
   TSP token set (batched ``torch.topk``).
-* :func:`compact_kv`: moves the retained K/V entries to the front of each sequence in
-  place (Triton), so the tail blocks can be freed.
+* :func:`compact_kv`: moves the retained K/V entries, in place, to consecutive slots from a
+  per-sequence start (Triton); KV retention packs them against the end of the prompt so
+  the leading blocks can be freed.
 
 Each has a plain-torch oracle with the same signature in
 :mod:`vllm_fastkv.kernels.reference` (``*_ref``). This package imports torch and triton

@@ -1,0 +1,101 @@
+"""Retention planning (shared by scheduler and workers) and per-request overrides."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vllm_fastkv.config import FastKVConfig, FastKVConfigError
+from vllm_fastkv.retention import plan_retention, request_settings
+
+ENGINE = FastKVConfig.validated({"retain_rate": 0.25, "tsp_rate": 1.0})
+
+
+def test_layout_of_a_compressed_prompt():
+    plan = plan_retention(ENGINE, 300, 16)
+    # B = int(0.25 * 300) = 75; S = floor((300 - 75) / 16) * 16 = 224; kept = 76.
+    assert (plan.prompt_len, plan.start, plan.kept) == (300, 224, 76)
+
+
+@pytest.mark.parametrize(
+    ("settings", "prompt_len"),
+    [
+        ({"retain_rate": 0.25}, 20),  # budget within one block of the prompt
+        ({"retain_rate": 1.0}, 4000),
+        ({"enabled": False}, 4000),
+        ({"mode": "constant", "max_capacity_prompt": 512}, 520),
+    ],
+    ids=["short", "rate-1", "disabled", "constant-near-capacity"],
+)
+def test_prompts_left_whole(settings, prompt_len):
+    assert plan_retention(FastKVConfig.validated(settings), prompt_len, 16) is None
+
+
+def test_constant_mode():
+    settings = FastKVConfig.validated({"mode": "constant", "max_capacity_prompt": 512})
+    plan = plan_retention(settings, 32768, 16)
+    assert plan.kept == 512 and plan.start == 32768 - 512
+
+
+@given(
+    prompt_len=st.integers(1, 200_000),
+    rate=st.floats(0.01, 1.0),
+    block_size=st.sampled_from([16, 32, 64, 128]),
+    window=st.integers(1, 64),
+)
+def test_layout_invariants(prompt_len, rate, block_size, window):
+    settings = FastKVConfig.validated({"retain_rate": rate, "window": window})
+    budget = settings.retention_budget(prompt_len)
+    plan = plan_retention(settings, prompt_len, block_size)
+    if plan is None:
+        assert prompt_len - budget < block_size or rate == 1.0
+        return
+    assert plan.start % block_size == 0 and plan.start > 0
+    assert budget <= plan.kept < budget + block_size
+    assert plan.kept >= window
+    assert plan.start + plan.kept == prompt_len
+
+
+def test_request_overrides():
+    assert request_settings(ENGINE, None) is ENGINE
+    assert request_settings(ENGINE, {"other": 1}) is ENGINE
+    assert request_settings(ENGINE, {"fastkv": {"retain_rate": 0.5}}).retain_rate == 0.5
+    assert request_settings(ENGINE, {"fastkv": {"enabled": False}}).enabled is False
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"retain_rate": 2}, "fastkv.retain_rate=2"),
+        ({"bogus": 1}, "fastkv.bogus: unknown setting"),
+        ({"window": 4}, "fastkv.window: set per deployment"),
+        ({"tsp_layer": 1}, "fastkv.tsp_layer: set per deployment"),
+        ("fast", "must be a JSON object"),
+    ],
+)
+def test_bad_request_overrides_name_the_field(override, message):
+    with pytest.raises(FastKVConfigError, match="Invalid FastKV setting") as info:
+        request_settings(ENGINE, {"fastkv": override})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("computed", "scheduled", "expected"),
+    [
+        (0, 64, 64),  # far from the end
+        (192, 64, 59),  # would leave 3 of 259: stop where 8 remain
+        (192, 67, 67),  # reaches the end
+        (253, 6, 6),  # already inside the last window (after preemption): unchanged
+        (300, 1, 1),  # decode
+    ],
+)
+def test_final_chunk_is_at_least_the_window(computed, scheduled, expected):
+    from vllm_fastkv.retention_scheduler import FastKVScheduler
+
+    scheduler = SimpleNamespace(fastkv_min_final_chunk=8)
+    request = SimpleNamespace(num_computed_tokens=computed, num_prompt_tokens=259)
+    split = FastKVScheduler._mamba_block_aligned_split
+    assert split(scheduler, request, scheduled) == expected
