@@ -10,6 +10,7 @@
 #                         option runs that command instead (`docker run IMAGE vllm --version`)
 #   VLLM_FASTKV_<FIELD>   FastKV knobs, read by the plugin itself; empty = the field's default
 #   HF_TOKEN              gated models; read by huggingface_hub, supplied at run time only
+#   PROMETHEUS_MULTIPROC_DIR  default: a fresh temporary directory (see below)
 set -euo pipefail
 
 if [[ $# -gt 0 && $1 != -* ]]; then
@@ -29,6 +30,13 @@ for name in $(compgen -e); do
     unset "$name"
   fi
 done
+
+# FastKV's retention metrics are counted in the engine process; Prometheus' multiprocess
+# mode (a fresh directory per container start) brings them to vLLM's /metrics.
+if [[ -z ${PROMETHEUS_MULTIPROC_DIR:-} ]]; then
+  PROMETHEUS_MULTIPROC_DIR=$(mktemp -d -t vllm-metrics.XXXXXX)
+  export PROMETHEUS_MULTIPROC_DIR
+fi
 
 # Split VLLM_ARGS into words without glob expansion (an unquoted $VLLM_ARGS would glob).
 read -r -a vllm_args <<<"${VLLM_ARGS:-}"

@@ -19,8 +19,6 @@ scheduling) with three additions, installed by the plugin through
 
 from __future__ import annotations
 
-import time
-
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -127,13 +125,12 @@ class _RetentionSchedulerMixin(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         plan: RetentionStepPlan | None = getattr(scheduler_output, STEP_PLAN_ATTR, None)
         if plan is not None and plan.compress:
-            began = time.perf_counter()
             for req_id, retained in plan.compress.items():
                 # The request may have finished or been preempted (its blocks are gone)
                 # since this step was scheduled.
                 if self.fastkv_retained.get(req_id) is retained:
                     self._free_leading_blocks(req_id, retained)
-            self.fastkv_stats.observe_free_seconds(time.perf_counter() - began)
+            self.fastkv_stats.maybe_log()
         return outputs
 
     def _free_leading_blocks(self, req_id: str, retained: PromptRetention) -> None:

@@ -1,16 +1,40 @@
-"""Running totals of KV retention in a scheduler, logged like vLLM's own engine stats."""
+"""KV retention totals of a scheduler: Prometheus metrics and a periodic log line.
+
+The scheduler runs in vLLM's engine-core process, while ``/metrics`` is served by the API
+server process. vLLM 0.26 ships engine-core numbers to the API server only through its
+fixed ``SchedulerStats`` schema, so these metrics use Prometheus' multiprocess mode:
+when ``PROMETHEUS_MULTIPROC_DIR`` is set (vLLM sets it itself for ``--api-server-count >
+1``; the Docker entrypoint and Helm chart of this project set it always), every process
+writes its samples to that directory and ``/metrics`` merges them. Without it the
+counters still count and the log line below still reports them.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
 from vllm.logger import init_logger
 
 logger = init_logger(f"vllm.{__name__}")
 
 #: Seconds between two summary lines (vLLM logs its engine stats every 10 s too).
 LOG_INTERVAL_S = 10.0
+
+_PROMPTS = Counter(
+    "vllm:fastkv_compressed_prompts", "Prompts whose KV cache FastKV compressed."
+)
+_PROMPT_TOKENS = Counter(
+    "vllm:fastkv_prompt_tokens", "Prompt tokens of the prompts FastKV compressed."
+)
+_KEPT_TOKENS = Counter(
+    "vllm:fastkv_retained_tokens",
+    "KV entries kept per layer and KV head for the prompts FastKV compressed.",
+)
+_FREED_BLOCKS = Counter(
+    "vllm:fastkv_freed_blocks", "KV cache blocks FastKV returned to vLLM's pool."
+)
 
 
 @dataclass
@@ -21,7 +45,6 @@ class RetentionStats:
     prompt_tokens: int = 0
     kept_tokens: int = 0
     freed_blocks: int = 0
-    free_seconds: float = 0.0
     _last_log: float = field(default_factory=time.monotonic)
 
     def observe_compression(self, prompt_len: int, kept: int, freed_blocks: int) -> None:
@@ -29,9 +52,12 @@ class RetentionStats:
         self.prompt_tokens += prompt_len
         self.kept_tokens += kept
         self.freed_blocks += freed_blocks
+        _PROMPTS.inc()
+        _PROMPT_TOKENS.inc(prompt_len)
+        _KEPT_TOKENS.inc(kept)
+        _FREED_BLOCKS.inc(freed_blocks)
 
-    def observe_free_seconds(self, seconds: float) -> None:
-        self.free_seconds += seconds
+    def maybe_log(self) -> None:
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL_S:
             self._last_log = now

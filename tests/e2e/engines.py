@@ -88,7 +88,11 @@ FASTKV_SELECTED = re.compile(r"Using (AttentionBackendEnum\.)?FASTKV .*backend")
 
 @contextmanager
 def running_server(
-    model: Path, log_path: Path, *serve_args: str, startup_timeout: float = 300
+    model: Path,
+    log_path: Path,
+    *serve_args: str,
+    startup_timeout: float = 300,
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """`vllm serve MODEL --attention-backend FASTKV` on 127.0.0.1, as users start it.
 
@@ -102,7 +106,9 @@ def running_server(
     ]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env())
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env(**(env or {}))
+        )
         try:
             deadline = time.monotonic() + startup_timeout
             while not _healthy(base):

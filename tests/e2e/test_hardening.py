@@ -28,7 +28,10 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--served-model-name", "tiny",
         "--max-num-seqs", str(MAX_NUM_SEQS),
     )  # fmt: skip
-    with running_server(tiny_llama, log_path, *serve_args) as base:
+    # As the Docker entrypoint runs it: FastKV's engine-side metrics reach /metrics.
+    metrics_dir = tmp_path_factory.mktemp("prometheus-multiproc")
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    with running_server(tiny_llama, log_path, *serve_args, env=env) as base:
         yield base
 
 
@@ -178,6 +181,27 @@ def test_malformed_fastkv_override_is_400(http: httpx.Client, override, fragment
     )  # fmt: skip
     assert_error(chat, 400, "Invalid FastKV setting", *fragments)
     assert_serving(http)
+
+
+def test_retention_metrics(http: httpx.Client):
+    """Compressing a 600-token prompt shows on /metrics (server defaults: retain 0.1)."""
+    before = metrics(http)
+    prompts = metric(before, "vllm:fastkv_compressed_prompts_total")
+    tokens = metric(before, "vllm:fastkv_prompt_tokens_total")
+    kept = metric(before, "vllm:fastkv_retained_tokens_total")
+    freed = metric(before, "vllm:fastkv_freed_blocks_total")
+    body = dict(prompt=[11] * 600, max_tokens=2, ignore_eos=True, temperature=0)
+    assert complete(http, **body).status_code == 200
+    after = metrics(http)
+    # 600 tokens keep B' = 600 - S entries, S a whole number of blocks.
+    assert metric(after, "vllm:fastkv_compressed_prompts_total") == prompts + 1
+    assert metric(after, "vllm:fastkv_prompt_tokens_total") == tokens + 600
+    new_kept = metric(after, "vllm:fastkv_retained_tokens_total") - kept
+    new_freed = metric(after, "vllm:fastkv_freed_blocks_total") - freed
+    assert 60 <= new_kept < 600 and new_freed >= 1
+    assert (600 - new_kept) % new_freed == 0  # whole blocks: S = freed x block size
+    # vLLM's own metrics are still there in multiprocess mode.
+    assert metric(after, "vllm:request_success_total") > 0
 
 
 @pytest.mark.parametrize(
