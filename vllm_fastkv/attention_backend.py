@@ -93,10 +93,11 @@ class _CompressAfterAttention:
             if is_quantized_kv_cache(self.kv_cache_dtype):
                 key_cache = key_cache.view(current_platform.fp8_dtype())
                 value_cache = value_cache.view(current_platform.fp8_dtype())
-            compress_prompt_kv(
-                query, key_cache, value_cache, batch,
-                scale=self.scale, k_scale=layer._k_scale_float,
-            )  # fmt: skip
+            with batch.timer.span(query.device):
+                compress_prompt_kv(
+                    query, key_cache, value_cache, batch,
+                    scale=self.scale, k_scale=layer._k_scale_float,
+                )  # fmt: skip
         return output
 
 

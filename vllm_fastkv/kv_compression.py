@@ -53,3 +53,4 @@ def compress_prompt_kv(
     )  # fmt: skip
     indices, counts = select(scores, batch.prompt_lens, batch.budgets, window)
     compact(key_cache, value_cache, batch.block_tables, indices, counts, starts=batch.starts)
+

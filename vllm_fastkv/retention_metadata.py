@@ -29,6 +29,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.engine_config import engine_fastkv_config
 from vllm_fastkv.retention import STEP_PLAN_ATTR, PromptRetention, RetentionStepPlan
+from vllm_fastkv.retention_stats import COMPRESSION_SECONDS, CompressionTimer
 
 #: Attribute of a built attention metadata object holding its :class:`CompressionBatch`.
 COMPRESSION_ATTR = "fastkv_compression"
@@ -40,6 +41,7 @@ class StepRows:
 
     req_ids: list[str]
     plan: RetentionStepPlan
+    timer: CompressionTimer = dataclasses.field(default_factory=CompressionTimer)
 
     @functools.cached_property
     def starts(self) -> list[int]:
@@ -69,9 +71,18 @@ def publish_step(scheduler_output: Any, req_ids: list[str]) -> None:
     _current_step = StepRows(list(req_ids), plan) if plan else None
 
 
-def _clear_step() -> None:
+#: Timers of finished steps whose GPU work may still be running (observed once done).
+_pending_timers: list[CompressionTimer] = []
+
+
+def _end_step() -> None:
+    """Forget the step's plan; report compression times that are known by now."""
     global _current_step
+    if _current_step is not None and _current_step.timer.used:
+        _pending_timers.append(_current_step.timer)
     _current_step = None
+    while _pending_timers and _pending_timers[0].ready():
+        COMPRESSION_SECONDS.observe(_pending_timers.pop(0).seconds())
 
 
 def install_runner_hooks() -> None:
@@ -101,7 +112,7 @@ def _wrap_execute(cls: type) -> None:
         try:
             return inner(self, *args, **kwargs)
         finally:
-            _clear_step()
+            _end_step()
 
     cls.execute_model = execute_model
 
@@ -153,6 +164,7 @@ class CompressionBatch:
     prompt_lens: torch.Tensor  # int32 [n]
     budgets: torch.Tensor  # int64 [n]: entries kept per head, T - start
     starts: torch.Tensor  # int64 [n]: first slot of the kept entries
+    timer: CompressionTimer  # the step's
     window: int
     pool_kernel: int
     pooling: str
@@ -224,6 +236,7 @@ class RetentionViews:
                                      device=self.device),
             budgets=torch.tensor([r.kept for r in retained], device=self.device),
             starts=torch.tensor([r.start for r in retained], device=self.device),
+            timer=step.timer,
             window=self.settings.window,
             pool_kernel=self.settings.pool_kernel,
             pooling=self.settings.pooling,

@@ -1,4 +1,4 @@
-"""KV retention totals of a scheduler: Prometheus metrics and a periodic log line.
+"""KV retention totals (scheduler) and compression times (workers): Prometheus metrics.
 
 The scheduler runs in vLLM's engine-core process, while ``/metrics`` is served by the API
 server process. vLLM 0.26 ships engine-core numbers to the API server only through its
@@ -12,9 +12,12 @@ counters still count and the log line below still reports them.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
+import torch
+from prometheus_client import Counter, Histogram
 from vllm.logger import init_logger
 
 logger = init_logger(f"vllm.{__name__}")
@@ -34,6 +37,12 @@ _KEPT_TOKENS = Counter(
 )
 _FREED_BLOCKS = Counter(
     "vllm:fastkv_freed_blocks", "KV cache blocks FastKV returned to vLLM's pool."
+)
+#: Observed by the workers (same process as the scheduler with one GPU or on CPUs).
+COMPRESSION_SECONDS = Histogram(
+    "vllm:fastkv_compression_seconds",
+    "Device time of FastKV's scoring, selection and compaction in one engine step, all layers.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 
 
@@ -70,3 +79,37 @@ class RetentionStats:
             f"{self.prompt_tokens} prompt tokens kept per layer ({share:.1%}), "
             f"{self.freed_blocks} KV blocks returned to the pool"
         )
+
+
+class CompressionTimer:
+    """Time spent compressing in one step, all layers: CUDA events on GPUs (read once they
+    have completed, never waited for), the wall clock on CPUs."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._host_seconds = 0.0
+
+    @contextmanager
+    def span(self, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self._host_seconds += time.perf_counter() - began
+
+    @property
+    def used(self) -> bool:
+        return bool(self._events) or self._host_seconds > 0
+
+    def ready(self) -> bool:
+        return all(end.query() for _, end in self._events)
+
+    def seconds(self) -> float:
+        """Total; call only once :meth:`ready`."""
+        device = sum(start.elapsed_time(end) for start, end in self._events) / 1000
+        return self._host_seconds + device

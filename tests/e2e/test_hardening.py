@@ -190,6 +190,8 @@ def test_retention_metrics(http: httpx.Client):
     tokens = metric(before, "vllm:fastkv_prompt_tokens_total")
     kept = metric(before, "vllm:fastkv_retained_tokens_total")
     freed = metric(before, "vllm:fastkv_freed_blocks_total")
+    steps = metric(before, "vllm:fastkv_compression_seconds_count")
+    seconds = metric(before, "vllm:fastkv_compression_seconds_sum")
     body = dict(prompt=[11] * 600, max_tokens=2, ignore_eos=True, temperature=0)
     assert complete(http, **body).status_code == 200
     after = metrics(http)
@@ -200,6 +202,9 @@ def test_retention_metrics(http: httpx.Client):
     new_freed = metric(after, "vllm:fastkv_freed_blocks_total") - freed
     assert 60 <= new_kept < 600 and new_freed >= 1
     assert (600 - new_kept) % new_freed == 0  # whole blocks: S = freed x block size
+    # One engine step compressed it (all 4 layers), timed by the worker.
+    assert metric(after, "vllm:fastkv_compression_seconds_count") == steps + 1
+    assert metric(after, "vllm:fastkv_compression_seconds_sum") > seconds
     # vLLM's own metrics are still there in multiprocess mode.
     assert metric(after, "vllm:request_success_total") > 0
 
