@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,56 +99,43 @@ def install_runner_hooks() -> None:
 
     v1 = sys.modules.get("vllm.v1.worker.gpu_model_runner")
     if v1 is not None:
-        _wrap_v1(v1.GPUModelRunner)
+        _hook(v1.GPUModelRunner, "_prepare_inputs", _v1_rows)
     v2 = sys.modules.get("vllm.v1.worker.gpu.model_runner")
     if v2 is not None:
-        _wrap_v2(v2.GPUModelRunner)
+        _hook(v2.GPUModelRunner, "prepare_inputs", _v2_rows)
 
 
-def _wrap_execute(cls: type) -> None:
-    inner = cls.execute_model
+def _hook(cls: type, prepare: str, rows: Callable[[Any, Any, Any], list[str]]) -> None:
+    """Publish the step after ``cls.<prepare>`` returns (``rows(runner, scheduler_output,
+    result)`` gives the batch order) and end it when ``execute_model`` returns."""
+    if getattr(cls, "_fastkv_hooked", False):
+        return
+    inner_prepare, inner_execute = getattr(cls, prepare), cls.execute_model
 
-    @functools.wraps(inner)
+    @functools.wraps(inner_prepare)
+    def prepare_inputs(self, scheduler_output, *args, **kwargs):
+        result = inner_prepare(self, scheduler_output, *args, **kwargs)
+        publish_step(scheduler_output, rows(self, scheduler_output, result))
+        return result
+
+    @functools.wraps(inner_execute)
     def execute_model(self, *args, **kwargs):
         try:
-            return inner(self, *args, **kwargs)
+            return inner_execute(self, *args, **kwargs)
         finally:
             _end_step()
 
+    setattr(cls, prepare, prepare_inputs)
     cls.execute_model = execute_model
-
-
-def _wrap_v1(cls: type) -> None:
-    if getattr(cls, "_fastkv_hooked", False):
-        return
-    inner = cls._prepare_inputs
-
-    @functools.wraps(inner)
-    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
-        result = inner(self, scheduler_output, *args, **kwargs)
-        num_reqs = len(scheduler_output.num_scheduled_tokens)
-        publish_step(scheduler_output, self.input_batch.req_ids[:num_reqs])
-        return result
-
-    cls._prepare_inputs = _prepare_inputs
-    _wrap_execute(cls)
     cls._fastkv_hooked = True
 
 
-def _wrap_v2(cls: type) -> None:
-    if getattr(cls, "_fastkv_hooked", False):
-        return
-    inner = cls.prepare_inputs
+def _v1_rows(runner, scheduler_output, _result) -> list[str]:
+    return runner.input_batch.req_ids[: len(scheduler_output.num_scheduled_tokens)]
 
-    @functools.wraps(inner)
-    def prepare_inputs(self, scheduler_output, *args, **kwargs):
-        input_batch = inner(self, scheduler_output, *args, **kwargs)
-        publish_step(scheduler_output, input_batch.req_ids)
-        return input_batch
 
-    cls.prepare_inputs = prepare_inputs
-    _wrap_execute(cls)
-    cls._fastkv_hooked = True
+def _v2_rows(_runner, _scheduler_output, input_batch) -> list[str]:
+    return input_batch.req_ids
 
 
 @dataclass

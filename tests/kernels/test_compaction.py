@@ -131,20 +131,7 @@ def test_tail_matches_model_and_reference(
     assert int(starts[0]) >= 256  # the long prompt really moves to the tail
     expected = expected_after(paged, indices, counts, starts)
 
-    ref_kv = paged.kv_cache.clone()
-    compact_kv_ref(
-        *ref_kv.transpose(1, 2).split(head_dim, dim=-1),
-        paged.block_table,
-        indices,
-        counts,
-        starts=starts,
-    )
-    assert_bytes_equal(ref_kv, expected)
-
-    compact_kv(
-        paged.key_cache, paged.value_cache, paged.block_table, indices, counts, starts=starts
-    )
-    assert_bytes_equal(paged.kv_cache, expected)
+    assert_both_compact_to(paged, indices, counts, starts, expected)
 
 
 def test_mixed_front_and_tail_batch(paged_kv, poison_empty):
@@ -161,20 +148,7 @@ def test_mixed_front_and_tail_batch(paged_kv, poison_empty):
     assert [int(x) > 0 for x in starts] == [True, False, True, False, True]
     expected = expected_after(paged, indices, counts, starts)
 
-    ref_kv = paged.kv_cache.clone()
-    compact_kv_ref(
-        *ref_kv.transpose(1, 2).split(64, dim=-1),
-        paged.block_table,
-        indices,
-        counts,
-        starts=starts,
-    )
-    assert_bytes_equal(ref_kv, expected)
-
-    compact_kv(
-        paged.key_cache, paged.value_cache, paged.block_table, indices, counts, starts=starts
-    )
-    assert_bytes_equal(paged.kv_cache, expected)
+    assert_both_compact_to(paged, indices, counts, starts, expected)
 
 
 def shift_patterns(seq_len, count, device):
@@ -409,5 +383,23 @@ def test_reference_random_front_and_tail(paged_kv, selection):
     expected = expected_after(paged, indices, counts_t, starts_t)
     compact_kv_ref(
         paged.key_cache, paged.value_cache, paged.block_table, indices, counts_t, starts=starts_t
+    )
+    assert_bytes_equal(paged.kv_cache, expected)
+
+
+def assert_both_compact_to(paged, indices, counts, starts, expected) -> None:
+    """Reference (on a copy) and kernel (in place) both leave exactly ``expected``."""
+    ref_kv = paged.kv_cache.clone()
+    head_dim = paged.key_cache.shape[-1]
+    compact_kv_ref(
+        *ref_kv.transpose(1, 2).split(head_dim, dim=-1),
+        paged.block_table,
+        indices,
+        counts,
+        starts=starts,
+    )
+    assert_bytes_equal(ref_kv, expected)
+    compact_kv(
+        paged.key_cache, paged.value_cache, paged.block_table, indices, counts, starts=starts
     )
     assert_bytes_equal(paged.kv_cache, expected)
