@@ -81,6 +81,22 @@ class FastKVConfig(BaseModel):
     tsp_len: int = Field(
         default=2048, ge=1, description="Constant mode: tokens propagated past tsp_layer."
     )
+    tsp_buffer_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Chunked prefill with TSP: tokens of layer-tsp_layer hidden states held for "
+            "prompts still arriving in chunks (None: max_model_len; 0: TSP only for "
+            "prompts prefilled in one step)."
+        ),
+    )
+    selection: Literal["scored", "recency"] = Field(
+        default="scored",
+        description=(
+            "scored: FastKV's window-attention selection; recency: keep the last tokens "
+            "of the budget and propagate all (an evaluation baseline)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> FastKVConfig:
@@ -164,9 +180,18 @@ class FastKVConfig(BaseModel):
             capacity=self.max_capacity_prompt, window=self.window,
         )  # fmt: skip
 
+    @property
+    def propagates(self) -> bool:
+        """Whether token-selective propagation may shorten prompts past ``tsp_layer``."""
+        return (
+            self.enabled
+            and self.selection == "scored"
+            and (self.tsp_rate < 1.0 or self.mode == "constant")
+        )
+
     def propagation_budget(self, prompt_len: int) -> int:
         """Tokens propagated past ``tsp_layer`` for a prompt of ``prompt_len`` tokens."""
-        if not self.enabled:
+        if not self.propagates:
             return prompt_len
         return token_budget(
             prompt_len, mode=self.mode, rate=self.tsp_rate,

@@ -35,6 +35,9 @@ def compress_prompt_kv(
         batch: the rows whose prompt completes in this step.
         scale: the attention's softmax scale.
     """
+    if batch.selection == "recency":
+        # The baseline keeps the last ``T - S`` tokens: they already sit at ``[S, T)``.
+        return
     window = batch.window
     offsets = torch.arange(-window, 0, device=query.device)
     window_queries = query[batch.query_ends[:, None] + offsets]  # [n, w, heads, dim]

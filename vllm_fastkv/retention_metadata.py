@@ -156,6 +156,7 @@ class CompressionBatch:
     window: int
     pool_kernel: int
     pooling: str
+    selection: str
 
 
 class RetentionViews:
@@ -228,6 +229,7 @@ class RetentionViews:
             window=self.settings.window,
             pool_kernel=self.settings.pool_kernel,
             pooling=self.settings.pooling,
+            selection=self.settings.selection,
         )
 
 

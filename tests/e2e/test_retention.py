@@ -67,8 +67,9 @@ def _load(model_dir):
 
 def _prefill(model, ids: list[int], settings: dict):
     """The reference prefill at vLLM's block-rounded budget (retention only)."""
+    policy = "recency" if settings.get("selection") == "recency" else "fastkv"
     return fastkv_prefill(
-        model, ids, policy="fastkv", mode="constant", max_capacity_prompt=_kept(settings, len(ids)),
+        model, ids, policy=policy, mode="constant", max_capacity_prompt=_kept(settings, len(ids)),
         tsp_rate=1.0, tsp_len=len(ids),
     )  # fmt: skip
 
@@ -101,12 +102,20 @@ def assert_matches_reference(model_dir, prompts, settings: list[dict], tokens) -
         assert tokens == expected
 
 
+RECENCY = {**RETENTION, "selection": "recency"}
+
+
 @pytest.mark.parametrize(
-    ("model_fixture", "chunk"),
-    [("tiny_llama", 64), ("tiny_llama", 1024), ("tiny_qwen2", 48)],
-    ids=["llama-chunk64", "llama-unchunked", "qwen2-chunk48"],
+    ("model_fixture", "chunk", "settings"),
+    [
+        ("tiny_llama", 64, RETENTION),
+        ("tiny_llama", 1024, RETENTION),
+        ("tiny_qwen2", 48, RETENTION),
+        ("tiny_llama", 64, RECENCY),
+    ],
+    ids=["llama-chunk64", "llama-unchunked", "qwen2-chunk48", "llama-recency"],
 )
-def test_retention_matches_reference(request, model_fixture, chunk):
+def test_retention_matches_reference(request, model_fixture, chunk, settings):
     model = request.getfixturevalue(model_fixture)
     # Short prompts stay whole; 131 = 2 x 64 + 3 would end in a 3-token chunk at chunk 64,
     # which the scheduler lengthens to the 8-token window.
@@ -114,16 +123,16 @@ def test_retention_matches_reference(request, model_fixture, chunk):
     prompts = _prompts(lengths)
     result = generate(
         model, prompts, MAX_TOKENS, max_num_batched_tokens=chunk,
-        additional_config={"fastkv": RETENTION}, **ENGINE,
+        additional_config={"fastkv": settings}, **ENGINE,
     )  # fmt: skip
     assert result["backends"] == ["FASTKV"]
-    assert_matches_reference(model, prompts, [RETENTION] * len(prompts), result["tokens"])
+    assert_matches_reference(model, prompts, [settings] * len(prompts), result["tokens"])
 
     sched = result["scheduler"]
     # vLLM's scheduler plus retention; compaction rewrites prompt blocks, so no prefix cache.
     assert sched["scheduler_cls"] in ("FastKVScheduler", "FastKVAsyncScheduler")
     assert sched["prefix_caching"] is False
-    starts = [n - _kept(RETENTION, n) for n in lengths]
+    starts = [n - _kept(settings, n) for n in lengths]
     assert sched["compressed_prompts"] == sum(s > 0 for s in starts) == 5
     assert sched["kept_tokens"] == sum(n - s for n, s in zip(lengths, starts) if s > 0)
     # Exactly the leading blocks before each start went back to the pool ...
