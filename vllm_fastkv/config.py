@@ -183,11 +183,7 @@ class FastKVConfig(BaseModel):
     @property
     def propagates(self) -> bool:
         """Whether token-selective propagation may shorten prompts past ``tsp_layer``."""
-        return (
-            self.enabled
-            and self.selection == "scored"
-            and (self.tsp_rate < 1.0 or self.mode == "constant")
-        )
+        return self.enabled and self.selection == "scored" and self.tsp_rate < 1.0
 
     def propagation_budget(self, prompt_len: int) -> int:
         """Tokens propagated past ``tsp_layer`` for a prompt of ``prompt_len`` tokens."""

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
-from vllm_fastkv import __version__
 from vllm_fastkv.config import ADDITIONAL_CONFIG_KEY, FastKVConfig, FastKVConfigError
+from vllm_fastkv.propagation import SUPPORTED_ARCHITECTURES
 from vllm_fastkv.request_overrides import install_request_overrides
 
 if TYPE_CHECKING:
@@ -32,18 +32,45 @@ def validate_engine_config(vllm_config: VllmConfig) -> FastKVConfig:
     if model_config is not None:
         num_layers = model_config.get_total_num_hidden_layers()
         settings = settings.resolved_for_model(num_layers)
+        if settings.propagates and not _propagation_supported(model_config):
+            logger.info(
+                "FastKV token-selective propagation supports %s; %s keeps KV retention only.",
+                ", ".join(sorted(SUPPORTED_ARCHITECTURES)), model_config.architectures,
+            )
+            settings = settings.model_copy(update={"tsp_rate": 1.0})
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = settings.model_dump()
     logger.info("FastKV settings: %s", settings.model_dump_json())
     if settings.compresses:
         _enable_retention(vllm_config)
         install_request_overrides()
-        if settings.tsp_rate < 1.0 or settings.mode == "constant":
-            logger.warning(
-                "FastKV token-selective propagation is not implemented in vllm-fastkv %s yet: "
-                "every layer prefills the whole prompt (KV retention is active).",
-                __version__,
-            )
+    if settings.propagates:
+        _check_propagation(vllm_config)
     return settings
+
+
+def _propagation_supported(model_config) -> bool:
+    return bool(set(model_config.architectures or ()) & SUPPORTED_ARCHITECTURES)
+
+
+def _check_propagation(vllm_config: VllmConfig) -> None:
+    """Refuse what token-selective propagation cannot run with, naming the way out."""
+    from vllm.config import CUDAGraphMode
+
+    refused = {
+        "pipeline parallelism": vllm_config.parallel_config.pipeline_parallel_size > 1,
+        "LoRA": vllm_config.lora_config is not None,
+        "KV connectors": vllm_config.kv_transfer_config is not None,
+        "micro-batching": vllm_config.parallel_config.use_ubatching,
+        # Full graphs of mixed batches would replay a capture of the unshortened forward.
+        "cudagraph_mode=FULL": vllm_config.compilation_config.cudagraph_mode
+        == CUDAGraphMode.FULL,
+    }
+    for what, present in refused.items():
+        if present:
+            raise FastKVConfigError(
+                f"Invalid FastKV setting fastkv.tsp_rate: token-selective propagation does "
+                f"not support {what} (set fastkv.tsp_rate=1.0 to keep KV retention only)"
+            )
 
 
 #: Schedulers with KV retention, for sync and async scheduling.

@@ -50,10 +50,11 @@ def compress_prompt_kv(
             kernels.window_scores_ref, kernels.select_retained_ref, kernels.compact_kv_ref
         )
     scores = window_scores(
-        window_queries, key_cache, batch.block_tables, batch.prompt_lens,
+        window_queries, key_cache, batch.block_tables, batch.scored_lens,
         scale=scale, window=window, pool_kernel=batch.pool_kernel, pooling=batch.pooling,
         k_scale=k_scale,
     )  # fmt: skip
-    indices, counts = select(scores, batch.prompt_lens, batch.budgets, window)
+    batch.scores = scores
+    indices, counts = select(scores, batch.scored_lens, batch.budgets, window)
     compact(key_cache, value_cache, batch.block_tables, indices, counts, starts=batch.starts)
 

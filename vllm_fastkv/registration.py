@@ -151,3 +151,6 @@ def register() -> None:
     _register_enum_member()
     _patch_platform()
     _install_excepthook()
+    from vllm_fastkv.propagation import install_model_hook
+
+    install_model_hook()

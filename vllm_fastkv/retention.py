@@ -43,6 +43,27 @@ class PromptRetention:
         return self.prompt_len - self.start
 
 
+@dataclass(frozen=True)
+class PromptPropagation:
+    """Token-selective propagation of a prompt that completes in this step.
+
+    Layers after ``tsp_layer`` run over ``count`` selected tokens only (``P``), written to
+    the logical slots ``[start, start + count)`` of those layers' caches, where
+    ``start = floor((T - P) / block_size) * block_size`` (``S_p``): contiguous slots, so
+    varlen causal attention reads exactly them, and ``start <= S`` (the retention start)
+    because ``P >= T - S``, so compaction then moves entries towards the tail only.
+
+    ``chunk_start``: the first prompt token scheduled in this step; the hidden states of
+    the tokens before it (earlier chunks) wait in the propagation buffer from
+    ``buffer_offset`` on (``-1``: the prompt arrived in one step).
+    """
+
+    count: int
+    start: int
+    chunk_start: int = 0
+    buffer_offset: int = -1
+
+
 @dataclass
 class RetentionStepPlan:
     """What one scheduler step asks of the workers; travels on ``SchedulerOutput``.
@@ -51,13 +72,25 @@ class RetentionStepPlan:
     their KV right after its attention (which still sees the whole prompt).
     ``starts``: requests compressed in an earlier step; attention reads their blocks
     from ``start`` on (the blocks before it may already belong to other requests).
+    ``propagate``: the subset of ``compress`` that continues past ``tsp_layer`` with its
+    selected tokens only.
+    ``stash``: non-final prefill chunks of propagated prompts, as ``(chunk_start,
+    buffer_offset)``: they run layers ``0..tsp_layer`` and leave their output hidden
+    states at ``buffer_offset + chunk_start`` for the final chunk.
     """
 
     compress: dict[str, PromptRetention] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
+    propagate: dict[str, PromptPropagation] = field(default_factory=dict)
+    stash: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.compress or self.starts)
+        return bool(self.compress or self.starts or self.stash)
+
+    @property
+    def shortens(self) -> bool:
+        """Whether layers after ``tsp_layer`` run over fewer tokens than this step has."""
+        return bool(self.propagate or self.stash)
 
 
 #: Attribute of vLLM's ``SchedulerOutput`` that carries the step plan to the workers.
@@ -104,3 +137,21 @@ def plan_retention(
     if start <= 0:
         return None
     return PromptRetention(prompt_len=prompt_len, start=start)
+
+
+def plan_propagation(
+    settings: FastKVConfig, retained: PromptRetention | None, block_size: int
+) -> PromptPropagation | None:
+    """How many tokens of a compressed prompt continue past ``tsp_layer``, or None for all.
+
+    Only compressed prompts propagate (their layers after ``tsp_layer`` keep
+    ``retained.kept`` entries, which must be among the ``P`` propagated tokens: a budget
+    larger than ``P`` leaves the prompt on retention alone).
+    """
+    if retained is None or not settings.propagates:
+        return None
+    prompt_len = retained.prompt_len
+    count = settings.propagation_budget(prompt_len)
+    if count >= prompt_len or count < retained.kept:
+        return None
+    return PromptPropagation(count=count, start=(prompt_len - count) // block_size * block_size)

@@ -29,6 +29,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.engine_config import engine_fastkv_config
+from vllm_fastkv.propagation import PROPAGATION_ATTR, LateBatch, late_layout
 from vllm_fastkv.retention import STEP_PLAN_ATTR, PromptRetention, RetentionStepPlan
 from vllm_fastkv.retention_stats import COMPRESSION_SECONDS, CompressionTimer
 
@@ -142,14 +143,15 @@ def _v2_rows(_runner, _scheduler_output, input_batch) -> list[str]:
 class CompressionBatch:
     """The rows whose prompt completes in this step, ready for the attention layers.
 
-    Host lists serve the selection's bookkeeping; tensors live on the cache's device.
+    ``rows`` are batch rows; tensors live on the cache's device. ``scored_lens`` is the
+    number of keys each row's window scores (the prompt length, or the ``P`` propagated
+    tokens in layers after ``tsp_layer``), in the row's (possibly shifted) block table.
     """
 
     rows: list[int]
-    retained: list[PromptRetention]
     query_ends: torch.Tensor  # int64 [n]: one past each row's last query token
-    block_tables: torch.Tensor  # int32 [n, max_blocks]: the rows' full block tables
-    prompt_lens: torch.Tensor  # int32 [n]
+    block_tables: torch.Tensor  # int32 [n, max_blocks]
+    scored_lens: torch.Tensor  # int32 [n]
     budgets: torch.Tensor  # int64 [n]: entries kept per head, T - start
     starts: torch.Tensor  # int64 [n]: first slot of the kept entries
     timer: CompressionTimer  # the step's
@@ -157,6 +159,13 @@ class CompressionBatch:
     pool_kernel: int
     pooling: str
     selection: str
+    #: The latest layer's window scores ``[n, num_kv_heads, width]``; token-selective
+    #: propagation reads those of ``tsp_layer``.
+    scores: torch.Tensor | None = None
+
+
+#: A row to compress: (batch row, scored length, start slot, entries kept per head).
+CompressEntry = tuple[int, int, int, int]
 
 
 class RetentionViews:
@@ -175,9 +184,8 @@ class RetentionViews:
         self._skip_host = torch.zeros(max_rows, dtype=torch.int64, pin_memory=_pinned(device))
         self._columns: torch.Tensor | None = None
 
-    def apply(
-        self, common: CommonAttentionMetadata, step: StepRows | None
-    ) -> CommonAttentionMetadata:
+    def apply(self, common: CommonAttentionMetadata, starts: list[int]) -> CommonAttentionMetadata:
+        """``common`` with row ``i`` reading its cache from slot ``starts[i]`` on."""
         table = common.block_table_tensor
         rows, width = table.shape
         seq_rows = common.seq_lens.shape[0]
@@ -190,7 +198,6 @@ class RetentionViews:
             self._columns = torch.arange(width, device=self.device)
         out_table = self.block_table[:rows]
         out_lens = self.seq_lens[:seq_rows]
-        starts = step.starts if step is not None else []
         if any(starts):
             skip = self._skip_host[: max(rows, seq_rows)]
             skip.zero_()
@@ -207,24 +214,21 @@ class RetentionViews:
         return dataclasses.replace(common, block_table_tensor=out_table, seq_lens=out_lens)
 
     def compression_batch(
-        self, common: CommonAttentionMetadata, step: StepRows | None
+        self, common: CommonAttentionMetadata, entries: list[CompressEntry], step: StepRows
     ) -> CompressionBatch | None:
-        """The compressing rows of ``common`` (built before the shift: they have none)."""
-        if step is None or not step.compress_rows:
+        """The rows of ``common`` to compress in this step, with ``common``'s block tables."""
+        if not entries:
             return None
-        rows = [row for row, _ in step.compress_rows]
-        retained = [r for _, r in step.compress_rows]
+        rows, scored, starts, kept = (list(column) for column in zip(*entries))
         ends = common.query_start_loc_cpu[torch.tensor(rows) + 1].to(torch.int64)
         index = torch.tensor(rows, device=self.device)
         return CompressionBatch(
             rows=rows,
-            retained=retained,
             query_ends=ends.to(self.device),
             block_tables=common.block_table_tensor.index_select(0, index),
-            prompt_lens=torch.tensor([r.prompt_len for r in retained], dtype=torch.int32,
-                                     device=self.device),
-            budgets=torch.tensor([r.kept for r in retained], device=self.device),
-            starts=torch.tensor([r.start for r in retained], device=self.device),
+            scored_lens=torch.tensor(scored, dtype=torch.int32, device=self.device),
+            budgets=torch.tensor(kept, device=self.device),
+            starts=torch.tensor(starts, device=self.device),
             timer=step.timer,
             window=self.settings.window,
             pool_kernel=self.settings.pool_kernel,
@@ -246,12 +250,15 @@ class RetentionMetadataBuilderMixin:
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.fastkv_views: RetentionViews | None = None
+        self.fastkv_late_views: RetentionViews | None = None
         settings = engine_fastkv_config(vllm_config)
         if settings.compresses:
-            self.fastkv_views = RetentionViews(
-                settings, vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.block_size,
-                device,
-            )
+            args = (settings, vllm_config.scheduler_config.max_num_seqs,
+                    kv_cache_spec.block_size, device)  # fmt: skip
+            self.fastkv_views = RetentionViews(*args)
+            if settings.propagates:
+                # Layers after tsp_layer attend with their own metadata in the same step.
+                self.fastkv_late_views = RetentionViews(*args)
             install_runner_hooks()
 
     def build(
@@ -265,9 +272,35 @@ class RetentionMetadataBuilderMixin:
         if views is None:
             return super().build(common_prefix_len, common_attn_metadata, fast_build, **kwargs)
         step = current_step()
-        batch = views.compression_batch(common_attn_metadata, step)
-        shifted = views.apply(common_attn_metadata, step)
+        batch = None
+        if step is not None:
+            # Compressing rows start at slot 0 in this step: no shift to account for.
+            entries = [(row, r.prompt_len, r.start, r.kept) for row, r in step.compress_rows]
+            batch = views.compression_batch(common_attn_metadata, entries, step)
+        shifted = views.apply(common_attn_metadata, step.starts if step is not None else [])
         # Cascade attention assumes one shared, unshifted prefix: never with retention.
         metadata = super().build(0, shifted, fast_build, **kwargs)
         setattr(metadata, COMPRESSION_ATTR, batch)
+        if step is not None and step.plan.shortens and self.fastkv_late_views is not None:
+            setattr(metadata, PROPAGATION_ATTR, self._build_late(common_attn_metadata, step))
         return metadata
+
+    def _build_late(self, common: CommonAttentionMetadata, step: StepRows) -> LateBatch:
+        """Metadata of the shortened batch that layers after ``tsp_layer`` run over."""
+        views = self.fastkv_late_views
+        layout = late_layout(common, step, views.block_size)
+        shifted = views.apply(layout.common, layout.starts)
+        # fast_build: FA3's ahead-of-time schedule lives in a buffer shared with the
+        # step's own metadata, which layers 0..tsp_layer use.
+        metadata = super().build(0, shifted, True)
+        setattr(metadata, COMPRESSION_ATTR,
+                views.compression_batch(shifted, layout.compress, step))
+        return LateBatch(
+            metadata=metadata,
+            slot_mapping=layout.common.slot_mapping,
+            num_tokens=layout.common.num_actual_tokens,
+            keep_src=layout.keep_src,
+            keep_dst=layout.keep_dst,
+            propagated=layout.propagated,
+            stash=layout.stash,
+        )

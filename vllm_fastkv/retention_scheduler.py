@@ -14,10 +14,16 @@ scheduling) with three additions, installed by the plugin through
 * after the step that compressed a prompt has run, its leading blocks are replaced by
   vLLM's null block and returned to the pool, exactly as vLLM's sliding-window manager
   frees out-of-window blocks, so the scheduler admits more requests by its ordinary
-  free-block count.
+  free-block count;
+* token-selective propagation: which completing prompts continue past ``tsp_layer`` with
+  their selected tokens only, and, for prompts prefilled in several chunks, a span of the
+  workers' propagation buffer that holds the earlier chunks' hidden states (decided at
+  the first chunk; a prompt that does not fit keeps retention alone).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -33,12 +39,40 @@ from vllm_fastkv.retention import (
     STEP_PLAN_ATTR,
     PromptRetention,
     RetentionStepPlan,
+    plan_propagation,
     plan_retention,
     request_settings,
 )
 from vllm_fastkv.retention_stats import RetentionStats
 
 logger = init_logger(f"vllm.{__name__}")
+
+
+class SpanAllocator:
+    """First-fit allocation of token spans in the workers' propagation buffer."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._used: dict[int, int] = {}  # offset -> length
+
+    def allocate(self, length: int) -> int | None:
+        offset = 0
+        for start, used in sorted(self._used.items()):
+            if start - offset >= length:
+                break
+            offset = start + used
+        if offset + length > self.capacity:
+            return None
+        self._used[offset] = length
+        return offset
+
+    def free(self, offset: int) -> None:
+        del self._used[offset]
+
+    @property
+    def used(self) -> int:
+        return sum(self._used.values())
+
 
 
 class _RetentionSchedulerMixin(Scheduler):
@@ -60,6 +94,13 @@ class _RetentionSchedulerMixin(Scheduler):
         self.need_mamba_block_aligned_split = True
         self.fastkv_retained: dict[str, PromptRetention] = {}
         self.fastkv_stats = RetentionStats()
+        buffer_tokens = self.fastkv.tsp_buffer_tokens
+        if buffer_tokens is None:
+            buffer_tokens = self.vllm_config.model_config.max_model_len
+        self.fastkv_buffer = SpanAllocator(buffer_tokens if self.fastkv.propagates else 0)
+        # Prompts arriving in chunks, decided at their first chunk: buffer offset, or
+        # None when they do not propagate.
+        self.fastkv_stashing: dict[str, int | None] = {}
 
     # ------------------------------------------------------------- chunk steering
     def _mamba_block_aligned_split(
@@ -80,6 +121,10 @@ class _RetentionSchedulerMixin(Scheduler):
         if start < last_chunk_start < end < prompt_len:
             # Stop where the rest is exactly one window, not a sliver of it.
             return last_chunk_start - start
+        if num_new_tokens == 1 and end < prompt_len and self.fastkv.propagates:
+            # A one-token chunk next to decodes would look like a uniform decode batch and
+            # replay a full CUDA graph, which never shortens the later layers.
+            return 0
         return num_new_tokens
 
     # ------------------------------------------------------------- planning
@@ -92,20 +137,63 @@ class _RetentionSchedulerMixin(Scheduler):
                 continue
             request = self.requests[req_id]
             computed = request.num_computed_tokens
-            if not computed < request.num_prompt_tokens <= computed + num_tokens:
+            if computed >= request.num_prompt_tokens:
+                continue
+            if request.num_prompt_tokens > computed + num_tokens:
+                offset = self._stash_offset(request)
+                if offset is not None:
+                    plan.stash[req_id] = (computed, offset)
                 continue
             prompt_len = computed + num_tokens
+            offset = self.fastkv_stashing.get(req_id)
             if num_tokens < min(self.fastkv.window, prompt_len):
+                if offset is not None:
+                    # Chunk steering guarantees a window-long final chunk; without it the
+                    # stashed chunks' later layers could never be computed.
+                    raise RuntimeError(
+                        f"FastKV: the final chunk of request {req_id} has {num_tokens} "
+                        f"tokens, fewer than the window ({self.fastkv.window})"
+                    )
                 # Only after preemption can a final chunk miss part of the window.
                 logger.debug("FastKV: request %s keeps its full KV (short final chunk)", req_id)
                 continue
             settings = self._request_settings(request)
             retained = plan_retention(settings, prompt_len, self.fastkv_block_size)
-            if retained is not None:
-                plan.compress[req_id] = retained
-                self.fastkv_retained[req_id] = retained
+            if retained is None:
+                continue
+            plan.compress[req_id] = retained
+            self.fastkv_retained[req_id] = retained
+            propagation = plan_propagation(settings, retained, self.fastkv_block_size)
+            if propagation is not None and (computed == 0 or offset is not None):
+                # A prompt whose earlier chunks ran every layer is not propagated.
+                plan.propagate[req_id] = dataclasses.replace(
+                    propagation, chunk_start=computed,
+                    buffer_offset=-1 if computed == 0 else offset,
+                )  # fmt: skip
         setattr(scheduler_output, STEP_PLAN_ATTR, plan)
         super()._update_after_schedule(scheduler_output)
+
+    def _stash_offset(self, request: Request) -> int | None:
+        """The buffer offset of a chunked prompt's hidden states, decided at its first chunk."""
+        req_id = request.request_id
+        if req_id in self.fastkv_stashing:
+            return self.fastkv_stashing[req_id]
+        offset = None
+        if request.num_computed_tokens == 0 and self.fastkv_buffer.capacity:
+            settings = self._request_settings(request)
+            prompt_len = request.num_prompt_tokens
+            retained = plan_retention(settings, prompt_len, self.fastkv_block_size)
+            if plan_propagation(settings, retained, self.fastkv_block_size) is not None:
+                offset = self.fastkv_buffer.allocate(prompt_len)
+                if offset is None:
+                    logger.debug("FastKV: request %s is not propagated (buffer full)", req_id)
+        self.fastkv_stashing[req_id] = offset
+        return offset
+
+    def _release_stash(self, req_id: str) -> None:
+        offset = self.fastkv_stashing.pop(req_id, None)
+        if offset is not None:
+            self.fastkv_buffer.free(offset)
 
     def _request_settings(self, request: Request):
         try:
@@ -125,6 +213,10 @@ class _RetentionSchedulerMixin(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         plan: RetentionStepPlan | None = getattr(scheduler_output, STEP_PLAN_ATTR, None)
         if plan is not None and plan.compress:
+            for req_id in plan.propagate:
+                self.fastkv_stats.observe_propagation()
+                if self.fastkv_retained.get(req_id) is plan.compress[req_id]:
+                    self._release_stash(req_id)
             for req_id, retained in plan.compress.items():
                 # The request may have finished or been preempted (its blocks are gone)
                 # since this step was scheduled.
@@ -145,6 +237,7 @@ class _RetentionSchedulerMixin(Scheduler):
         # Finished or preempted: a preempted request is recomputed from scratch and
         # planned again when its prompt completes.
         self.fastkv_retained.pop(request.request_id, None)
+        self._release_stash(request.request_id)
         super()._free_request_blocks(request)
 
 

@@ -38,6 +38,10 @@ _KEPT_TOKENS = Counter(
 _FREED_BLOCKS = Counter(
     "vllm:fastkv_freed_blocks", "KV cache blocks FastKV returned to vLLM's pool."
 )
+_PROPAGATED_PROMPTS = Counter(
+    "vllm:fastkv_propagated_prompts",
+    "Prompts whose later layers ran over the tokens FastKV's token-selective propagation kept.",
+)
 #: Observed by the workers (same process as the scheduler with one GPU or on CPUs).
 COMPRESSION_SECONDS = Histogram(
     "vllm:fastkv_compression_seconds",
@@ -54,6 +58,7 @@ class RetentionStats:
     prompt_tokens: int = 0
     kept_tokens: int = 0
     freed_blocks: int = 0
+    propagated: int = 0
     _last_log: float = field(default_factory=time.monotonic)
 
     def observe_compression(self, prompt_len: int, kept: int, freed_blocks: int) -> None:
@@ -66,6 +71,10 @@ class RetentionStats:
         _KEPT_TOKENS.inc(kept)
         _FREED_BLOCKS.inc(freed_blocks)
 
+    def observe_propagation(self) -> None:
+        self.propagated += 1
+        _PROPAGATED_PROMPTS.inc()
+
     def maybe_log(self) -> None:
         now = time.monotonic()
         if now - self._last_log >= LOG_INTERVAL_S:
@@ -77,7 +86,8 @@ class RetentionStats:
         return (
             f"FastKV retention: {self.prompts} prompts compressed, {self.kept_tokens}/"
             f"{self.prompt_tokens} prompt tokens kept per layer ({share:.1%}), "
-            f"{self.freed_blocks} KV blocks returned to the pool"
+            f"{self.freed_blocks} KV blocks returned to the pool, "
+            f"{self.propagated} prompts propagated"
         )
 
 

@@ -63,6 +63,8 @@ def main() -> None:
                 kept_tokens=stats.kept_tokens,
                 freed_blocks=stats.freed_blocks,
                 block_size=scheduler.fastkv_block_size,
+                propagated_prompts=stats.propagated,
+                buffer_tokens_in_use=scheduler.fastkv_buffer.used,
             )
         result["scheduler"] = counts
     print(RESULT_PREFIX + json.dumps(result), flush=True)

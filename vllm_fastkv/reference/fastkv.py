@@ -121,7 +121,8 @@ def fastkv_prefill(
     the ``P`` best tokens (head-summed scores, plus the window) are gathered from
     the layer's output hidden states and only they run through the later layers,
     at their original RoPE positions, causal among themselves in position order.
-    ``tsp_rate == 1.0`` (or ``tsp_len >= T`` in constant mode) disables TSP.
+    ``tsp_rate == 1.0`` disables TSP in both modes (as in ``FastKVConfig``), and so does
+    ``tsp_len >= T`` in constant mode.
     ``policy`` (see :data:`Policy`) swaps the selection for a baseline; the
     ``recency`` and ``full`` baselines run the whole prompt through every layer.
     """
@@ -138,7 +139,7 @@ def fastkv_prefill(
             prompt_len, mode=mode, rate=retain_rate, capacity=max_capacity_prompt, window=window
         )
     propagate, tsp_at = prompt_len, -1
-    if policy == "fastkv":
+    if policy == "fastkv" and tsp_rate < 1.0:
         propagate = token_budget(
             prompt_len, mode=mode, rate=tsp_rate, capacity=tsp_len, window=window
         )

@@ -1,0 +1,106 @@
+"""Helpers shared by the end-to-end FastKV tests: prompts, settings and the reference check.
+
+The reference (:mod:`vllm_fastkv.reference`) scores, selects and decodes on dense
+tensors; vLLM compresses the paged cache in place, frees whole blocks and decodes on what
+is left. On random-weight models a single different retained entry changes the
+continuation, so agreement proves the same entries were kept for every layer and KV head
+and that decode reads exactly them at the right positions:
+
+* CPU (fp32 engine): identical greedy tokens.
+* GPU (fp16 FlashAttention, Triton kernels, V2 runner, CUDA graphs): teacher forcing. For
+  each token vLLM picks, the gap between the fp32 reference's best logit and the logit of
+  that token, on the reference's compressed cache. fp16 rounding moves scores that sit
+  within 1e-4..1e-3 of the top-k boundary, so a long prompt may keep a few different
+  entries and miss now and then; a wrong cache (rows mixed up, stale graph buffers, no
+  compression) misses on every step by several logits. So: every prompt's mean gap below
+  ``GPU_MEAN_GAP``, and most prompts greedy up to ``GPU_LOGIT_TOLERANCE`` on every step.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from vllm_fastkv.config import FastKVConfig
+from vllm_fastkv.reference import fastkv_prefill, forced_decode_logits, greedy_decode
+from vllm_fastkv.retention import plan_propagation, plan_retention
+
+BLOCK = 16
+MAX_TOKENS = 12
+#: Retention only (token-selective propagation is a separate mechanism).
+RETENTION = {"retain_rate": 0.25, "tsp_rate": 1.0}
+ON_GPU = torch.cuda.is_available()
+ENGINE = dict(
+    max_model_len=1024,
+    block_size=BLOCK,
+    enable_chunked_prefill=True,
+    # FlashAttention (FASTKV's base on GPUs) runs half precision only; fp16 keeps its
+    # noise far below the effect of a wrong cache (bf16's does not, on random weights).
+    dtype="float16" if ON_GPU else "float32",
+    seed=0,
+    # GPUs: torch.compile and CUDA graphs (decode replays graphs over shifted tables).
+    enforce_eager=not ON_GPU,
+    attention_backend="FASTKV",
+)
+GPU_LOGIT_TOLERANCE = 0.5
+GPU_MEAN_GAP = 1.5
+
+
+def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(6, 1024) for _ in range(n)] for n in lengths]
+
+
+def kept_entries(settings: dict, prompt_len: int) -> int:
+    """Entries vLLM keeps per layer and head: the budget rounded up to whole blocks."""
+    plan = plan_retention(FastKVConfig.validated(settings), prompt_len, BLOCK)
+    return prompt_len if plan is None else plan.kept
+
+
+def load(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def prefill(model, ids: list[int], settings: dict):
+    """The reference prefill at vLLM's block-rounded budget and its propagation plan."""
+    config = FastKVConfig.validated(settings)
+    prompt_len = len(ids)
+    retained = plan_retention(config, prompt_len, BLOCK)
+    propagation = plan_propagation(config, retained, BLOCK)
+    return fastkv_prefill(
+        model, ids, policy="recency" if config.selection == "recency" else "fastkv",
+        mode="constant", max_capacity_prompt=kept_entries(settings, prompt_len),
+        tsp_layer=config.tsp_layer, tsp_rate=config.tsp_rate if propagation else 1.0,
+        tsp_len=propagation.count if propagation else prompt_len,
+        window=config.window, pool_kernel=config.pool_kernel, pooling=config.pooling,
+    )  # fmt: skip
+
+
+def logit_gaps(
+    model, prompts, settings: list[dict], tokens: list[list[int]]
+) -> list[torch.Tensor]:
+    """Per prompt and step: reference max logit - logit of the token vLLM chose."""
+    gaps = []
+    for ids, s, out in zip(prompts, settings, tokens):
+        logits = forced_decode_logits(model, prefill(model, ids, s), out)
+        chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
+        gaps.append(logits.max(dim=-1).values - chosen)
+    return gaps
+
+
+def assert_matches_reference(model_dir, prompts, settings: list[dict], tokens) -> None:
+    model = load(model_dir)
+    if ON_GPU:
+        gaps = logit_gaps(model, prompts, settings, tokens)
+        means = [round(g.mean().item(), 3) for g in gaps]
+        worst = [round(g.max().item(), 3) for g in gaps]
+        assert max(means) <= GPU_MEAN_GAP, (means, worst)
+        assert sum(w <= GPU_LOGIT_TOLERANCE for w in worst) * 2 > len(worst), (means, worst)
+    else:
+        expected = [
+            greedy_decode(model, prefill(model, ids, s), MAX_TOKENS).tolist()
+            for ids, s in zip(prompts, settings)
+        ]
+        assert tokens == expected
