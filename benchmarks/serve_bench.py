@@ -214,6 +214,7 @@ def run_worker(args: argparse.Namespace) -> None:
                 tpot_ms=round(1000 * decode_s / n, 3),
                 output_tok_s=round(batch * n / decode_s, 1),
                 prefill_s=round(t_prefill, 3),
+                prefill_tok_s=round(batch * prompt_len / t_prefill, 1),
                 total_s=round(t_full, 3),
                 peak_kv_blocks=watcher.peak_used,
                 max_concurrent=watcher.total // held_blocks,
