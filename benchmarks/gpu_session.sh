@@ -14,7 +14,7 @@ stages=${STAGES:-tests kernels bench}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . 2>&1 | grep -v WARNING
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-compile --target /tmp/site . 2>&1 | grep -v WARNING
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$res/device.txt"
 
 for stage in $stages; do

@@ -176,8 +176,10 @@ def run_worker(args: argparse.Namespace) -> None:
     def emit(**record) -> None:
         print(RESULT_PREFIX + json.dumps({**base, **record}), flush=True)
 
-    # Warm-up: compile paths for prefill and decode shapes.
+    # Warm-up: compile paths for prefill and decode shapes, and a prompt long enough to
+    # be prefilled in chunks (FASTKV's chunked-prefill path has kernels of its own).
     _timed(llm, _prompts(rng, 2, min(2048, args.max_model_len // 2), vocab), 8)
+    _timed(llm, _prompts(rng, 1, min(32768, args.max_model_len - 1), vocab), 1)
 
     for prompt_len in args.ttft_lens:
         if prompt_len + 1 > args.max_model_len:

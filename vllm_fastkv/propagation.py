@@ -148,12 +148,17 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
                 compress.append((late_row, retained.prompt_len, retained.start, retained.kept))
         late_query_start.append(late_begin + count)
 
-    row_index = torch.tensor(rows, dtype=torch.long, device=device)
-    block_table = common.block_table_tensor.index_select(0, row_index)
-    seq_lens = common.seq_lens.index_select(0, row_index)
-    upper_bound = common.seq_lens_cpu_upper_bound
-    if upper_bound is not None:
-        upper_bound = upper_bound.index_select(0, torch.tensor(rows, dtype=torch.long))
+    row_index = torch.tensor(rows, dtype=torch.long)
+
+    def take_rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        # Runners keep some per-row tensors on the host, others on the device.
+        if tensor is None:
+            return None
+        return tensor.index_select(0, row_index.to(tensor.device, non_blocking=True))
+
+    block_table = take_rows(common.block_table_tensor)
+    seq_lens = take_rows(common.seq_lens)
+    upper_bound = take_rows(common.seq_lens_cpu_upper_bound)
     for late_row, seq_len in seq_lens_host.items():
         seq_lens[late_row] = seq_len
         if upper_bound is not None:
@@ -171,7 +176,6 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
             blocks * block_size + logical % block_size
         )
     query_lens = [b - a for a, b in zip(late_query_start, late_query_start[1:])]
-    is_prefilling = common.is_prefilling
     late = dataclasses.replace(
         common,
         query_start_loc=query_start_cpu.to(device, non_blocking=True),
@@ -185,7 +189,7 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
         logits_indices_padded=None,
         num_logits_indices=None,
         positions=None,
-        is_prefilling=None if is_prefilling is None else is_prefilling.index_select(0, row_index),
+        is_prefilling=take_rows(common.is_prefilling),
         seq_lens_cpu_upper_bound=upper_bound,
         _seq_lens_cpu=None,
         _num_computed_tokens_cpu=None,
@@ -264,6 +268,9 @@ class PropagatingForward:
                 late_hidden[span] = self._gather(hidden, row, indices)
                 late_positions[span] = indices.to(positions.dtype)
 
+        out = hidden.new_zeros(hidden.shape)
+        if late.num_tokens == 0:
+            return out  # only non-final chunks: nothing past tsp_layer, nothing sampled
         metadata, slots = context.attn_metadata, context.slot_mapping
         context.attn_metadata = dict.fromkeys(metadata, late.metadata)
         context.slot_mapping = dict.fromkeys(slots, late.slot_mapping)
@@ -277,7 +284,6 @@ class PropagatingForward:
 
         # Full-size output: only the rows the runner samples from need values (a
         # propagated prompt's last token is in its window, so always selected).
-        out = late_hidden.new_zeros(hidden.shape[0], late_hidden.shape[1])
         out[late.keep_src] = late_hidden[late.keep_dst]
         for row in late.propagated:
             out[row.token_end - 1] = late_hidden[row.late_start + row.plan.count - 1]
