@@ -71,6 +71,18 @@ def _check_propagation(vllm_config: VllmConfig) -> None:
                 f"Invalid FastKV setting fastkv.tsp_rate: token-selective propagation does "
                 f"not support {what} (set fastkv.tsp_rate=1.0 to keep KV retention only)"
             )
+    # Steps that propagate run the decoder layers eagerly. With torch.compile vLLM turns
+    # its CUDA kernels for these ops off in favour of inductor's fusions, which leaves
+    # eager steps with unfused torch ops (several HBM passes each); keep the kernels on
+    # unless the user chose otherwise.
+    custom_ops = vllm_config.compilation_config.custom_ops
+    for op in PROPAGATION_CUSTOM_OPS:
+        if f"-{op}" not in custom_ops and f"+{op}" not in custom_ops:
+            custom_ops.append(f"+{op}")
+
+
+#: vLLM custom ops (norms, activation, RoPE) that eager decoder layers should run fused.
+PROPAGATION_CUSTOM_OPS = ("rms_norm", "silu_and_mul", "rotary_embedding")
 
 
 #: Schedulers with KV retention, for sync and async scheduling.

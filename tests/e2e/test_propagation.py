@@ -63,19 +63,20 @@ def test_propagation_matches_reference(request, model_fixture, chunk):
 
 def test_rate_one_equals_retention(tiny_llama):
     """tsp_rate 1.0 is retention alone: nothing propagates, the tokens are retention's."""
-    prompts = random_prompts([150, 333], seed=4)
+    # Five prompts: on GPUs the check is statistical (see reference_check).
+    prompts = random_prompts([150, 200, 260, 333, 410], seed=4)
     settings = {**TSP, "tsp_rate": 1.0}
     result = generate(
         tiny_llama, prompts, MAX_TOKENS, max_num_batched_tokens=64,
         additional_config={"fastkv": settings}, **ENGINE,
     )  # fmt: skip
     assert result["scheduler"]["propagated_prompts"] == 0
-    assert_matches_reference(tiny_llama, prompts, [RETENTION] * 2, result["tokens"])
+    assert_matches_reference(tiny_llama, prompts, [RETENTION] * 5, result["tokens"])
 
 
 def test_full_buffer_falls_back_to_retention(tiny_llama):
     """Chunked prompts that find no room in the buffer keep retention only, exactly."""
-    prompts = random_prompts([300, 333], seed=5)
+    prompts = random_prompts([150, 200, 260, 333, 410], seed=5)
     settings = {**TSP, "tsp_buffer_tokens": 0}
     result = generate(
         tiny_llama, prompts, MAX_TOKENS, max_num_batched_tokens=64,
@@ -83,7 +84,7 @@ def test_full_buffer_falls_back_to_retention(tiny_llama):
     )  # fmt: skip
     assert result["scheduler"]["propagated_prompts"] == 0
     retention = {**TSP, "tsp_rate": 1.0}
-    assert_matches_reference(tiny_llama, prompts, [retention] * 2, result["tokens"])
+    assert_matches_reference(tiny_llama, prompts, [retention] * 5, result["tokens"])
 
 
 def test_propagation_changes_the_output(tiny_llama):
