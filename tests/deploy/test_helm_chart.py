@@ -32,8 +32,10 @@ CHART_TO_CONFIG = {  # values.yaml fastkv keys -> FastKVConfig fields
     "enabled": "enabled", "tspLayer": "tsp_layer", "tspRate": "tsp_rate",
     "retainRate": "retain_rate", "window": "window", "poolKernel": "pool_kernel",
     "pooling": "pooling", "mode": "mode", "maxCapacityPrompt": "max_capacity_prompt",
-    "tspLen": "tsp_len",
+    "tspLen": "tsp_len", "tspBufferTokens": "tsp_buffer_tokens", "selection": "selection",
 }
+#: Knobs whose empty value means "derived from the model" (the plugin's None).
+UNSET_MEANS_AUTO = ("tspLayer", "tspBufferTokens")
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +161,12 @@ def test_fastkv_env_is_what_the_plugin_accepts(case):
     }
     # The plugin's own loader parses the variables; it raises on any unknown name or bad value.
     assert FastKVConfig.from_sources(None, environ=fastkv_env) == FastKVConfig(**expected)
-    # Every knob is set explicitly, except an unset tsp_layer (= the model's middle layer).
+    # Every knob is set explicitly, except unset automatic ones (tsp_layer: the model's
+    # middle layer; tsp_buffer_tokens: max_model_len).
     knobs = {ENV_PREFIX + field.upper() for field in FastKVConfig.model_fields}
-    if not _is_set(merged["fastkv"]["tspLayer"]):
-        knobs.remove(f"{ENV_PREFIX}TSP_LAYER")
+    for key in UNSET_MEANS_AUTO:
+        if not _is_set(merged["fastkv"][key]):
+            knobs.remove(ENV_PREFIX + CHART_TO_CONFIG[key].upper())
     assert set(fastkv_env) == knobs
 
 
@@ -174,11 +178,12 @@ def test_chart_defaults_are_the_papers(chart: helm.Chart):
     assert defaults == {
         "enabled": True, "tspLayer": "", "tspRate": 0.2, "retainRate": 0.1, "window": 8,
         "poolKernel": 7, "pooling": "avg", "mode": "proportional", "maxCapacityPrompt": 512,
-        "tspLen": 2048,
+        "tspLen": 2048, "tspBufferTokens": "", "selection": "scored",
     }
     config = FastKVConfig()
     for key, field in CHART_TO_CONFIG.items():
-        assert (getattr(config, field) if key != "tspLayer" else "") == defaults[key], key
+        value = getattr(config, field)
+        assert ("" if key in UNSET_MEANS_AUTO and value is None else value) == defaults[key], key
 
 
 def test_probes_hit_health_on_the_server_port(case):

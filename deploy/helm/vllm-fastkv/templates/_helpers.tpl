@@ -76,6 +76,12 @@ tspLayer is left out when empty so the plugin picks the model's middle layer.
   value: {{ $f.maxCapacityPrompt | quote }}
 - name: VLLM_FASTKV_TSP_LEN
   value: {{ $f.tspLen | quote }}
+{{- if include "vllm-fastkv.isSet" $f.tspBufferTokens }}
+- name: VLLM_FASTKV_TSP_BUFFER_TOKENS
+  value: {{ $f.tspBufferTokens | quote }}
+{{- end }}
+- name: VLLM_FASTKV_SELECTION
+  value: {{ $f.selection | quote }}
 {{- end }}
 
 {{/* Name of the model cache claim: the user's existing claim or the one this chart creates. */}}
