@@ -12,7 +12,7 @@ call, greedy, scored by exact match. Methods (``--methods``):
 * ``recency``: keep the last tokens of the same block-rounded budget (``selection:
   recency``), the StreamingLLM-style baseline;
 
-the last three at each ``--rates`` retain rate. Rows go to ``--out`` (default
+the last three at each ``--rates`` retain rate. Rows go to ``--out`` after each engine (default
 ``docs/accuracy.json``; rows of the same model, device, method, settings, task, length
 and depth are replaced, others kept), one per (method, settings, task, length, depth)
 with the score averaged over seeds. :mod:`benchmarks.accuracy.report` draws the heat maps
@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -96,24 +97,28 @@ def run_engine(model_dir: Path, settings: dict | None, prompts: list[list[int]],
     if settings is not None:
         engine.update(attention_backend="FASTKV", additional_config={"fastkv": settings})
     spec = {"engine": engine, "prompts": prompts, "max_tokens": args.max_tokens}
+    spec_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    with spec_file:  # long prompts exceed the command line's limit
+        json.dump(spec, spec_file)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("VLLM_HOST_IP", "127.0.0.1")
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accuracy.harness", "--worker", json.dumps(spec)],
+        [sys.executable, "-m", "benchmarks.accuracy.harness", "--worker", spec_file.name],
         capture_output=True, text=True, env=env, cwd=REPO,
     )  # fmt: skip
+    os.unlink(spec_file.name)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
     raise RuntimeError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def _worker(spec_json: str) -> None:
+def _worker(spec_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    spec = json.loads(spec_json)
+    spec = json.loads(Path(spec_path).read_text())
     llm = LLM(**spec["engine"])
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]],
@@ -190,7 +195,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
             print(f"{method:<10} rate={rate}: mean exact match {mean:.3f}", flush=True)
             rows += method_rows
             generated[method if rate is None else f"{method}@{rate}"] = tokens
-    merge_rows(Path(args.out), rows)
+            # After every engine, so a run cut short keeps what it measured.
+            merge_rows(Path(args.out), method_rows)
     return rows, generated
 
 
