@@ -48,3 +48,8 @@ def test_harness_grid_rows_and_identity(tmp_path: Path, smollm2: Path):
     markdown = report.table(rows)
     assert "| stock | 1.000 | 1.000 | 100.0% |" in markdown
     assert "fastkv retain 0.2" in markdown
+    plots = report.heat_maps(rows, tmp_path / "plots")
+    assert sorted(p.name for p in plots) == [
+        "smollm2-test-disabled.png", "smollm2-test-fastkv_retain_0.2.png", "smollm2-test-stock.png"
+    ]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
