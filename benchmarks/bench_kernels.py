@@ -1,31 +1,40 @@
 """FastKV kernels on one GPU at Llama-3.1-8B head shapes: time vs HBM floor, and correctness.
 
     python benchmarks/bench_kernels.py --out kernels.json
+    python benchmarks/bench_kernels.py --out kernels.json --sweep   # + fused launch shapes
 
 Needs torch and triton only (imports nothing but :mod:`vllm_fastkv.kernels`). For each
 prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 
 * bandwidth: a large device-to-device ``copy_`` (bytes read + written / time), measured
   here so floors and kernels see the same machine state;
-* ``window_scores`` (avg and max pooling) vs its floor: the key bytes read once / bandwidth.
-  The exact two-pass softmax reads the keys twice, so 2x that floor is the design limit;
+* ``window_scores`` (avg and max pooling) vs its floor: the key bytes read once / bandwidth,
+  for the fused kernel (default; its second key pass should hit L2), the fused kernel with
+  pass 2 deferred until pass 1 is done (``fused_no_reuse``: the L2 reuse lost) and the
+  two-pass kernels (``fused=None``, both passes from HBM, so 2x the floor is their limit),
+  with ``max_seq_len`` from the host as the serving path calls it (no device sync);
 * ``select_retained`` (budget ``retain_rate * T``), ``select_propagated`` (``tsp_rate * T``)
-  and a bare ``torch.topk`` of the same size, next to the scoring time;
+  and a bare ``torch.topk`` of the same size, next to the scoring time (lengths and budgets
+  as host lists, as the serving path passes them: no device sync);
 * ``compact_kv`` to ``retain_rate`` vs its floor: the retained K and V bytes read and
   written once / bandwidth, front (``starts=None``) and tail-aligned (``starts = T - c``,
   the budget rounded up to whole blocks);
 * correctness against the ``*_ref`` oracles at full size (relative score error, exact
-  selection agreement, byte-exact compaction).
+  selection agreement, byte-exact compaction);
+* with ``--sweep``: device time of the fused kernel (avg pooling) for a grid of
+  :class:`~vllm_fastkv.kernels.scoring.FusedTuning` launch shapes, best first, each
+  checked against the default shape's scores.
 
 Two times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
 calls; host work and device syncs included, which is what the engine pays), ``device`` the
-GPU's busy time per call from the torch profiler (kernel efficiency alone). Prints a table
-and writes every number to ``--out`` as JSON.
+GPU's busy time per call from the torch profiler (kernel efficiency alone). Prints a table,
+a two-pass vs fused summary, and writes every number to ``--out`` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -43,8 +52,24 @@ from vllm_fastkv.kernels import (
     window_scores,
     window_scores_ref,
 )
+from vllm_fastkv.kernels.scoring import FusedTuning
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+# window_scores implementations: the fused kernel (default launch shape), the same with a
+# lag beyond every item (pass 2 only after all of pass 1, so at these lengths its keys
+# come from HBM again: what the L2 reuse is worth), and the two-pass kernels.
+SCORING_PATHS: dict[str, FusedTuning | None] = {
+    "fused": FusedTuning(),
+    "fused_no_reuse": FusedTuning(lag_per_program=1e4),
+    "two_pass": None,
+}
+# --sweep grid of fused launch shapes.
+SWEEP = dict(
+    programs_per_sm=(1, 2, 4),
+    tiles_per_item=(1, 2, 4, 8),
+    lag_per_program=(0.25, 0.5, 1.0),
+    num_warps=(4, 8),
+)
 
 
 def bench_ms(fn: Callable[[], object]) -> float:
@@ -104,6 +129,69 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out[finite] - ref[finite]).norm() / ref[finite].norm())
 
 
+def scoring_op(pooling: str, path: str) -> str:
+    """Table name of a scoring row: the fused kernel keeps the historical name."""
+    return f"window_scores[{pooling}]" if path == "fused" else f"window_scores[{pooling},{path}]"
+
+
+def sweep_fused(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    score_kwargs: dict,
+    expected: torch.Tensor,
+    sweep: list[dict],
+) -> None:
+    """Device time of the fused kernel (avg pooling) for every launch shape of ``SWEEP``;
+    each shape's scores are checked against ``expected`` (the default shape's)."""
+    seq_len = score_kwargs["max_seq_len"]
+    for values in itertools.product(*SWEEP.values()):
+        tuning = FusedTuning(**dict(zip(SWEEP, values)))
+
+        def scoring(tuning: FusedTuning = tuning) -> torch.Tensor:
+            return window_scores(query, key_cache, block_table, seq_lens, fused=tuning,
+                                 **score_kwargs)  # fmt: skip
+
+        sweep.append(
+            dict(
+                seq_len=seq_len,
+                **dict(zip(SWEEP, values)),
+                device_ms=device_ms(scoring),
+                rel_error_vs_default=rel_error(scoring(), expected),
+            )
+        )
+
+
+def print_scoring_summary(rows: list[dict], sweep: list[dict]) -> None:
+    """Two-pass vs fused device time per length and pooling, and the sweep's best shapes."""
+    by_key = {(row["op"], row["seq_len"]): row for row in rows}
+    print("window_scores device ms: two-pass -> fused (fused without L2 reuse), x floor:")
+    for seq_len in sorted({row["seq_len"] for row in rows}):
+        for pooling in ("avg", "max"):
+            old, new, no_reuse = (
+                by_key[(scoring_op(pooling, path), seq_len)]
+                for path in ("two_pass", "fused", "fused_no_reuse")
+            )
+            print(
+                f"  T={seq_len:>7} {pooling}: {old['device_ms']:.3f} -> {new['device_ms']:.3f}"
+                f" ({no_reuse['device_ms']:.3f}) ms = {old['device_x_floor']:.2f}x ->"
+                f" {new['device_x_floor']:.2f}x ({no_reuse['device_x_floor']:.2f}x) the floor"
+                f" {new['floor_ms']:.3f} ms"
+            )
+    for seq_len in sorted({entry["seq_len"] for entry in sweep}):
+        entries = sorted(
+            (e for e in sweep if e["seq_len"] == seq_len), key=lambda e: e["device_ms"]
+        )
+        print(f"fused launch shapes at T={seq_len}, fastest first (avg pooling):")
+        for entry in entries[:8]:
+            shape = ", ".join(f"{name}={entry[name]}" for name in SWEEP)
+            print(
+                f"  {entry['device_ms']:.4f} ms  {shape}"
+                f"  (rel. error vs default {entry['rel_error_vs_default']:.1e})"
+            )
+
+
 def measure(
     rows: list[dict], op: str, seq_len: int, fn: Callable[[], object], floor_ms: float | None
 ) -> None:
@@ -121,7 +209,9 @@ def measure(
     rows.append(row)
 
 
-def run_length(args: argparse.Namespace, seq_len: int, bandwidth: float, rows: list[dict]) -> dict:
+def run_length(
+    args: argparse.Namespace, seq_len: int, bandwidth: float, rows: list[dict], sweep: list[dict]
+) -> dict:
     """Every measurement at prompt length ``seq_len``; returns the correctness checks."""
     kv, key_cache, value_cache, block_table, query = paged_cache(args, seq_len, seed=seq_len)
     seq_lens = torch.tensor([seq_len], dtype=torch.int32, device="cuda")
@@ -129,60 +219,72 @@ def run_length(args: argparse.Namespace, seq_len: int, bandwidth: float, rows: l
     key_floor_ms = seq_len * args.num_kv_heads * args.head_dim * elem / bandwidth * 1e3
     checks: dict = {"seq_len": seq_len}
 
-    score_kwargs = dict(scale=args.head_dim**-0.5, window=args.window, pool_kernel=7)
+    ref_kwargs = dict(scale=args.head_dim**-0.5, window=args.window, pool_kernel=7)
+    score_kwargs = ref_kwargs | dict(max_seq_len=seq_len)
     for pooling in ("avg", "max"):
-
-        def scoring(pooling: str = pooling) -> torch.Tensor:
-            return window_scores(
-                query, key_cache, block_table, seq_lens, pooling=pooling, **score_kwargs
-            )
-
-        measure(rows, f"window_scores[{pooling}]", seq_len, scoring, key_floor_ms)
+        ref = None
         if args.check:
             ref = window_scores_ref(
-                query, key_cache, block_table, seq_lens, pooling=pooling, **score_kwargs
+                query, key_cache, block_table, seq_lens, pooling=pooling, **ref_kwargs
             )
-            checks[f"scores_{pooling}_rel_error"] = rel_error(scoring(), ref)
-    scores = window_scores(query, key_cache, block_table, seq_lens, **score_kwargs)
+        for path, tuning in SCORING_PATHS.items():
 
-    budget = torch.tensor([int(args.retain_rate * seq_len)], device="cuda")
-    keep = torch.tensor([int(args.tsp_rate * seq_len)], device="cuda")
+            def scoring(
+                pooling: str = pooling, tuning: FusedTuning | None = tuning
+            ) -> torch.Tensor:
+                return window_scores(
+                    query, key_cache, block_table, seq_lens, pooling=pooling, fused=tuning,
+                    **score_kwargs,
+                )  # fmt: skip
+
+            measure(rows, scoring_op(pooling, path), seq_len, scoring, key_floor_ms)
+            if ref is not None:
+                checks[f"scores_{pooling}_{path}_rel_error"] = rel_error(scoring(), ref)
+        del ref
+    scores = window_scores(query, key_cache, block_table, seq_lens, **score_kwargs)
+    if args.sweep:
+        sweep_fused(query, key_cache, block_table, seq_lens, score_kwargs, scores, sweep)
+
+    budget = [int(args.retain_rate * seq_len)]
+    keep = [int(args.tsp_rate * seq_len)]
+    lens = [seq_len]
     measure(
         rows,
         "select_retained",
         seq_len,
-        lambda: select_retained(scores, seq_lens, budget, args.window),
+        lambda: select_retained(scores, lens, budget, args.window),
         None,
     )
     measure(
         rows,
         "select_propagated",
         seq_len,
-        lambda: select_propagated(scores, seq_lens, keep, args.window),
+        lambda: select_propagated(scores, lens, keep, args.window),
         None,
     )
     measure(
         rows,
         "torch.topk alone",
         seq_len,
-        lambda: scores.topk(int(budget) - args.window, dim=-1),
+        lambda: scores.topk(budget[0] - args.window, dim=-1),
         None,
     )
-    indices, counts = select_retained(scores, seq_lens, budget, args.window)
+    indices, counts = select_retained(scores, lens, budget, args.window)
     if args.check:
-        ref_indices, _ = select_retained_ref(scores, seq_lens, budget, args.window)
+        budget_t, keep_t = (torch.tensor(v, device="cuda") for v in (budget, keep))
+        ref_indices, _ = select_retained_ref(scores, seq_lens, budget_t, args.window)
         checks["select_retained_equal"] = bool(torch.equal(indices, ref_indices))
         checks["select_propagated_equal"] = bool(
             torch.equal(
-                select_propagated(scores, seq_lens, keep, args.window),
-                select_propagated_ref(scores, seq_lens, keep, args.window),
+                select_propagated(scores, lens, keep, args.window),
+                select_propagated_ref(scores, seq_lens, keep_t, args.window),
             )
         )
     # Front compaction (entry r -> slot r), then tail-aligned (entry r -> slot S + r with
     # S = T - c' a block multiple, c' the budget rounded up to whole blocks).
     tail_start = (seq_len - int(counts)) // args.block_size * args.block_size
-    tail_budget = torch.tensor([seq_len - tail_start], device="cuda")
-    tail_indices, tail_counts = select_retained(scores, seq_lens, tail_budget, args.window)
+    tail_budget = [seq_len - tail_start]
+    tail_indices, tail_counts = select_retained(scores, lens, tail_budget, args.window)
     starts = torch.tensor([tail_start], device="cuda")
     cases = [("", indices, counts, None), ("_tail", tail_indices, tail_counts, starts)]
     for suffix, idx, cnt, st in cases:
@@ -234,23 +336,34 @@ def main() -> None:
     parser.add_argument(
         "--no-check", dest="check", action="store_false", help="skip the reference checks"
     )
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time the fused kernel's launch-shape grid"
+    )
     args = parser.parse_args()
 
     bandwidth = copy_bandwidth()
     rows: list[dict] = []
-    checks = [run_length(args, seq_len, bandwidth, rows) for seq_len in args.seq_lens]
+    sweep: list[dict] = []
+    checks = [run_length(args, seq_len, bandwidth, rows, sweep) for seq_len in args.seq_lens]
+    properties = torch.cuda.get_device_properties(0)
     results = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "config": vars(args),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "l2_cache_mb": properties.L2_cache_size / 1e6,
+        "sm_count": properties.multi_processor_count,
         "rows": rows,
         "checks": checks,
+        "sweep": sweep,
     }
-    print(f"{results['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    print(
+        f"{results['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write), "
+        f"L2 {results['l2_cache_mb']:.0f} MB, {results['sm_count']} SMs"
+    )
     header = ("op", "T", "call ms", "device ms", "floor ms", "call/floor", "dev/floor")
-    print(f"{header[0]:<24}" + "".join(f"{name:>11}" for name in header[1:]))
+    print(f"{header[0]:<34}" + "".join(f"{name:>11}" for name in header[1:]))
     for row in rows:
         floor = row["floor_ms"]
         tail = (
@@ -259,8 +372,9 @@ def main() -> None:
             else ""
         )
         print(
-            f"{row['op']:<24}{row['seq_len']:>8}{row['call_ms']:>10.3f}{row['device_ms']:>11.3f}{tail}"
+            f"{row['op']:<34}{row['seq_len']:>8}{row['call_ms']:>10.3f}{row['device_ms']:>11.3f}{tail}"
         )
+    print_scoring_summary(rows, sweep)
     for check in checks:
         print(
             "checks:",

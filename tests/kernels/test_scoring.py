@@ -1,6 +1,11 @@
-"""window_scores: Triton vs the reference, and the reference vs a naive dense version."""
+"""window_scores: Triton (fused and two-pass) vs the reference, and the reference vs a naive
+dense version."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,12 +13,24 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_fastkv.kernels import window_scores, window_scores_ref
+from vllm_fastkv.kernels import scoring, window_scores, window_scores_ref
+from vllm_fastkv.kernels.scoring import FusedTuning
+
+# A fused kernel whose schedule broke would spin forever (pass-2 jobs waiting for a flag
+# nobody raises): fail instead.
+pytestmark = pytest.mark.timeout(300)
 
 # Relative error (||out - ref|| / ||ref||) allowed for each query dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 # Ragged lengths: T < window, T == window, one scored token, not a multiple of the block.
 SEQ_LENS = [300, 5, 8, 9, 77, 129]
+# Both implementations; the fused one also with one tile per item and no lag margin, the
+# tightest schedule (pass-2 jobs right behind the longest unit's pass 1).
+PATHS = {
+    "fused": FusedTuning(),
+    "fused_tight": FusedTuning(tiles_per_item=1, lag_per_program=0.0),
+    "two_pass": None,
+}
 
 
 def naive_scores(query, paged, *, scale, window, pool_kernel, pooling, k_scale=1.0):
@@ -121,8 +138,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["fused", "two_pass"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_triton_matches_reference(case, paged_kv, device, poison_empty):
+def test_triton_matches_reference(case, path, paged_kv, device, poison_empty):
     group, head_dim, block_size, window, cache_dtype, query_dtype, pooling, pool_kernel = CASES[
         case
     ]
@@ -145,21 +163,144 @@ def test_triton_matches_reference(case, paged_kv, device, poison_empty):
         pooling=pooling,
         k_scale=k_scale,
     )
-    out = window_scores(query, paged.key_cache, paged.block_table, paged.seq_lens, **kwargs)
+    out = window_scores(
+        query, paged.key_cache, paged.block_table, paged.seq_lens, fused=PATHS[path], **kwargs
+    )
     ref = window_scores_ref(query, paged.key_cache, paged.block_table, paged.seq_lens, **kwargs)
     assert out.dtype == torch.float32
     assert_scores_match(out, ref, TOLERANCE[query_dtype])
 
 
 def test_single_long_sequence_uses_many_key_splits(paged_kv, device, poison_empty):
-    """One sequence and one KV head: every key tile is its own split in step 1."""
+    """Two-pass, one sequence and one KV head: every key tile is its own split in step 1."""
     paged = paged_kv([257], num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32, seed=7)
     torch.manual_seed(7)
     query = random_query(1, 8, 4, 64, torch.float32, device)
     kwargs = dict(scale=0.125, window=8)
-    out = window_scores(query, paged.key_cache, paged.block_table, paged.seq_lens, **kwargs)
+    out = window_scores(
+        query, paged.key_cache, paged.block_table, paged.seq_lens, fused=None, **kwargs
+    )
     ref = window_scores_ref(query, paged.key_cache, paged.block_table, paged.seq_lens, **kwargs)
     assert_scores_match(out, ref, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_fused_many_items_and_merge_groups(pooling, paged_kv, device, poison_empty, monkeypatch):
+    """Fused kernel with many items per unit (one tile each), merge groups of two items
+    (so the log-sum-exp tree has both levels, with a ragged last group), the batch scanned
+    two sequences at a time (a ragged last block too), the tightest lag, and units that are
+    long, short, unscored or one chunk long in one batch."""
+    monkeypatch.setattr(scoring, "_MERGE_BLOCK", 2)
+    monkeypatch.setattr(scoring, "_SEQ_BLOCK", 2)
+    seq_lens = [700, 3, 301, 58, 66]
+    paged = paged_kv(
+        seq_lens, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, seed=11
+    )
+    torch.manual_seed(11)
+    query = random_query(len(seq_lens), 8, 4, 64, torch.float32, device)
+    kwargs = dict(scale=0.125, window=8, pooling=pooling)
+    out = window_scores(
+        query, paged.key_cache, paged.block_table, paged.seq_lens, fused=PATHS["fused_tight"],
+        **kwargs,
+    )  # fmt: skip
+    ref = window_scores_ref(query, paged.key_cache, paged.block_table, paged.seq_lens, **kwargs)
+    assert_scores_match(out, ref, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_host_max_seq_len(path, paged_kv, device, poison_empty):
+    """``max_seq_len`` from the host gives the same scores; a larger one only adds ``-inf``
+    columns (every entry written: the output comes from a NaN-poisoned ``torch.empty``)."""
+    paged = paged_kv([90, 20], num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+                     seed=5)  # fmt: skip
+    torch.manual_seed(5)
+    query = random_query(2, 8, 4, 64, torch.float32, device)
+    kwargs = dict(scale=0.125, window=8, fused=PATHS[path])
+    args = (query, paged.key_cache, paged.block_table, paged.seq_lens)
+    ref = window_scores_ref(*args, scale=0.125, window=8)
+    assert_scores_match(window_scores(*args, max_seq_len=90, **kwargs), ref, 1e-4)
+    wider = window_scores(*args, max_seq_len=200, **kwargs)
+    assert wider.shape == (2, 2, 192)
+    assert_scores_match(wider[..., :82], ref, 1e-4)
+    assert (wider[..., 82:] == float("-inf")).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_is_deterministic_without_device_syncs(paged_kv):
+    """On the GPU: with ``max_seq_len`` from the host no call syncs, and the fused kernel's
+    result does not depend on how its programs race (the merge order is fixed), even with
+    one program per SM and no lag margin, where pass-2 jobs wait most."""
+    seq_lens = [9000, 8, 1200, 3000, 65, 4096]  # 78 items of 116 tokens: two merge groups
+    paged = paged_kv(
+        seq_lens, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16, seed=3
+    )
+    torch.manual_seed(3)
+    query = random_query(len(seq_lens), 8, 32, 128, torch.bfloat16, "cuda")
+    args = (query, paged.key_cache, paged.block_table, paged.seq_lens)
+    kwargs = dict(scale=128**-0.5, window=8, max_seq_len=max(seq_lens))
+    ref = window_scores_ref(*args, scale=128**-0.5, window=8)
+    for tuning in (FusedTuning(), FusedTuning(programs_per_sm=1, lag_per_program=0.0)):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs = [window_scores(*args, fused=tuning, **kwargs) for _ in range(20)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(torch.equal(out, outs[0]) for out in outs)
+        assert_scores_match(outs[0], ref, TOLERANCE[torch.bfloat16])
+
+
+# Compiles the fused kernel for an H100 (sm_90) with Triton's bundled ptxas, no GPU needed,
+# at Llama-3.1-8B shapes with the register cap of 4 programs x 4 warps per SM; prints PTX.
+COMPILE_FOR_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vllm_fastkv.kernels import scoring
+
+kernel = scoring._fused_scores_kernel
+key_dtype, pooling = sys.argv[1:]
+pointers = dict(query_ptr="*bf16", key_cache_ptr="*" + key_dtype, block_table_ptr="*i32",
+                seq_lens_ptr="*i32", partial_ptr="*fp32", sync_ptr="*i32", out_ptr="*fp32")
+constexprs = dict(PAGE_SIZE=16, G_PAD=4, W_PAD=8, D_PAD=128, SEQ_BLOCK=64, BLOCK_N=64,
+                  BLOCK=64, POOL=7, POOL_PAD=8, IS_MAX=pooling == "max", MERGE_BLOCK=64,
+                  FILL_BLOCK=1024, DOT_PRECISION="tf32", stride_qd=1, stride_kd=1)
+aligned = {*pointers, "stride_qs", "stride_qw", "stride_qh", "stride_kb", "stride_ks",
+           "stride_kh", "head_dim"}
+signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
+             for name in kernel.arg_names} | {"qk_scale": "fp32"}
+attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+         if name in aligned}
+compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, num_stages=3, maxnreg=128))
+assert compiled.asm["cubin"]
+print(compiled.asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("key_dtype, pooling", [("bf16", "avg"), ("fp8e4nv", "max")])
+def test_fused_kernel_compiles_for_sm90(key_dtype, pooling):
+    """The GPU build of the fused kernel, checked without a GPU (the interpreter runs the
+    Python semantics only): ptxas accepts it under the register cap, the synchronisation
+    is what the schedule relies on (one thread's acq_rel counts, acquire flag reads,
+    release flag writes, L2-only reads of other programs' partials), and the key loops
+    stay software-pipelined inside the job loop."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90, key_dtype, pooling],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ptx = proc.stdout
+    for instruction in (
+        "atom.global.gpu.acq_rel.add",
+        "ld.global.gpu.acquire",
+        "atom.global.gpu.release.exch",
+        "ld.global.cg",
+        "cp.async",
+    ):
+        assert instruction in ptx, instruction
 
 
 def test_nothing_to_score(paged_kv, device):

@@ -3,6 +3,7 @@ properties the rest of FastKV relies on (window kept, sorted, counts, -1 padding
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -78,6 +79,8 @@ def test_retained_matches_reference(device, batch, heads, window, seed, pad):
     ref_indices, ref_counts = select_retained_ref(scores, lens, budget_t, window)
     assert torch.equal(indices, ref_indices) and torch.equal(counts, ref_counts)
     check_selection(indices, counts, scores, seq_lens, budgets, window)
+    host_indices, host_counts = select_retained(scores, seq_lens, budgets, window)
+    assert torch.equal(host_indices, indices) and torch.equal(host_counts, counts)
 
 
 @settings(max_examples=40, deadline=None)
@@ -95,6 +98,7 @@ def test_propagated_matches_reference(device, batch, heads, window, seed, pad):
     keep = torch.tensor(keeps, dtype=torch.long, device=device)
     indices = select_propagated(scores, lens, keep, window)
     assert torch.equal(indices, select_propagated_ref(scores, lens, keep, window))
+    assert torch.equal(select_propagated(scores, seq_lens, keeps, window), indices)
     counts = torch.tensor([min(max(p, window), t) for t, p in zip(seq_lens, keeps)])
     summed = scores.sum(dim=1, keepdim=True)
     check_selection(indices[:, None], counts, summed, seq_lens, keeps, window)
@@ -113,3 +117,28 @@ def test_empty_batch(device):
     empty = torch.empty(0, dtype=torch.int32, device=device)
     indices, counts = select_retained(torch.empty(0, 2, 0, device=device), empty, empty, 8)
     assert indices.shape == (0, 2, 0) and counts.shape == (0,)
+
+
+def test_rejects_mismatched_lengths(device):
+    scores = torch.zeros(2, 1, 4, device=device)
+    with pytest.raises(ValueError, match="num_seqs"):
+        select_retained(scores, [12, 12], [5], 8)
+    with pytest.raises(ValueError, match="num_seqs"):
+        select_retained(scores, torch.tensor([[12], [12]]), [5, 5], 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_lengths_need_no_device_sync():
+    """With lengths and budgets as host lists neither selection syncs the device."""
+    seq_lens, budgets = [300, 40, 1000], [64, 100, 8]
+    scores = random_scores(seq_lens, 4, 8, seed=1, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        indices, counts = select_retained(scores, seq_lens, budgets, 8)
+        propagated = select_propagated(scores, seq_lens, budgets, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    lens = torch.tensor(seq_lens, device="cuda")
+    ref_indices, ref_counts = select_retained_ref(scores, lens, torch.tensor(budgets), 8)
+    assert torch.equal(indices, ref_indices) and torch.equal(counts, ref_counts)
+    assert torch.equal(propagated, select_propagated_ref(scores, lens, torch.tensor(budgets), 8))
