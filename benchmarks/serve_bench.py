@@ -22,6 +22,10 @@ prompts for every measurement, so prefix caching never hides prefill):
   every request has been admitted and prefilled, or no new request has reached decode for
   ``--stall-steps`` steps (the pool is full); the record holds the peak number of
   requests decoding at the same time and the preemptions seen. Then all are aborted.
+- profile (``--profile-lens``): one batch-1 prefill under the torch profiler, after every
+  other measurement (the profiler slows the host): wall time, the GPU's busy time (union
+  of kernel intervals, so wall minus busy is time the GPU waited on the host) and the
+  kernels that took most of it, grouped by name.
 """
 
 from __future__ import annotations
@@ -224,12 +228,46 @@ def run_worker(args: argparse.Namespace) -> None:
                 fits_kv_pool=batch * held_blocks <= watcher.total,
             )
 
+    for prompt_len in args.profile_lens:
+        if prompt_len + 1 <= args.max_model_len:
+            emit(kind="profile", prompt_len=prompt_len, batch=1,
+                 **profile_prefill(llm, _prompts(rng, 1, prompt_len, vocab)))
+
     for prompt_len in args.concurrency_len:
         watcher.reset()
         prompts = _prompts(rng, args.concurrency_requests, prompt_len, vocab)
         result = measure_concurrency(llm, prompts, args.concurrency_max_tokens, args.stall_steps)
         emit(kind="concurrency", prompt_len=prompt_len, batch=args.concurrency_requests,
              peak_kv_blocks=watcher.peak_used, **result)
+
+
+def profile_prefill(llm, prompts, top: int = 25) -> dict:
+    """Wall time, GPU busy time and the costliest kernels of one ``generate`` call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        _timed(llm, prompts, 1)
+        wall_s = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy_us, end_us = 0.0, float("-inf")
+    for begin, end in spans:  # union of intervals: overlapping kernels count once
+        busy_us += max(0.0, end - max(begin, end_us))
+        end_us = max(end_us, end)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+    return {
+        "wall_ms": round(1000 * wall_s, 2),
+        "gpu_busy_ms": round(busy_us / 1000, 2),
+        "gpu_span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 2) if spans else 0.0,
+        "kernels": [
+            {"name": name[:120], "ms": round(sum(times) / 1000, 3), "count": len(times)}
+            for name, times in ranked[:top]
+        ],
+    }
 
 
 def _freed_blocks(args: argparse.Namespace, prompt_len: int, block_size: int) -> int:
@@ -309,7 +347,7 @@ def run_driver(args: argparse.Namespace) -> None:
             "stall_steps",
         ):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        for key in ("ttft_lens", "decode_lens", "batches", "concurrency_len"):
+        for key in ("ttft_lens", "decode_lens", "batches", "concurrency_len", "profile_lens"):
             values = getattr(args, key)
             if values:
                 cmd += [f"--{key.replace('_', '-')}", *map(str, values)]
@@ -344,6 +382,12 @@ def _print_table(records: list[dict]) -> None:
             f"{r.get('output_tok_s', ''):>8} {r.get('peak_kv_blocks', ''):>8} "
             f"{r.get('max_concurrent', ''):>8} {r.get('peak_decoding', ''):>8}"
         )
+    for r in records:
+        if r["kind"] == "profile":
+            print(f"profile {r['backend']} {r['prompt_len']}: wall {r['wall_ms']} ms, "
+                  f"GPU busy {r['gpu_busy_ms']} ms of a {r['gpu_span_ms']} ms span")
+            for k in r["kernels"][:15]:
+                print(f"  {k['ms']:>10.3f} ms {k['count']:>6}x  {k['name'][:90]}")
 
 
 def main() -> None:
@@ -361,6 +405,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency-len", type=int, nargs="*", default=[])
+    parser.add_argument("--profile-lens", type=int, nargs="*", default=[])
     parser.add_argument("--concurrency-requests", type=int, default=128)
     parser.add_argument("--concurrency-max-tokens", type=int, default=4096)
     parser.add_argument("--stall-steps", type=int, default=200)

@@ -41,20 +41,25 @@ def compress_prompt_kv(
     window = batch.window
     offsets = torch.arange(-window, 0, device=query.device)
     window_queries = query[batch.query_ends[:, None] + offsets]  # [n, w, heads, dim]
+    common = dict(scale=scale, window=window, pool_kernel=batch.pool_kernel,
+                  pooling=batch.pooling, k_scale=k_scale)  # fmt: skip
     if key_cache.is_cuda:
-        window_scores, select, compact = (
-            kernels.window_scores, kernels.select_retained, kernels.compact_kv
+        # Lengths and budgets from the host: no device sync in any layer.
+        scores = kernels.window_scores(
+            window_queries, key_cache, batch.block_tables, batch.scored_lens,
+            max_seq_len=max(batch.scored_lens_host), **common,
+        )  # fmt: skip
+        indices, counts = kernels.select_retained(
+            scores, batch.scored_lens_host, batch.budgets, window
         )
+        compact = kernels.compact_kv
     else:
-        window_scores, select, compact = (
-            kernels.window_scores_ref, kernels.select_retained_ref, kernels.compact_kv_ref
+        scores = kernels.window_scores_ref(
+            window_queries, key_cache, batch.block_tables, batch.scored_lens, **common
         )
-    scores = window_scores(
-        window_queries, key_cache, batch.block_tables, batch.scored_lens,
-        scale=scale, window=window, pool_kernel=batch.pool_kernel, pooling=batch.pooling,
-        k_scale=k_scale,
-    )  # fmt: skip
+        indices, counts = kernels.select_retained_ref(
+            scores, batch.scored_lens, torch.tensor(batch.budgets), window
+        )
+        compact = kernels.compact_kv_ref
     batch.scores = scores
-    indices, counts = select(scores, batch.scored_lens, batch.budgets, window)
     compact(key_cache, value_cache, batch.block_tables, indices, counts, starts=batch.starts)
-

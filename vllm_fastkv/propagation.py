@@ -302,11 +302,14 @@ class PropagatingForward:
         if get_tensor_model_parallel_world_size() > 1:
             # Each rank scores its own KV heads; all must pick the same tokens.
             scores = tensor_model_parallel_all_reduce(scores)
-        device = scores.device
-        prompt_lens = torch.tensor([row.prompt_len for row in rows], device=device)
-        counts = torch.tensor([row.plan.count for row in rows], device=device)
-        select = kernels.select_propagated if scores.is_cuda else kernels.select_propagated_ref
-        indices = select(scores, prompt_lens, counts, self.window)
+        prompt_lens = [row.prompt_len for row in rows]
+        counts = [row.plan.count for row in rows]
+        if scores.is_cuda:
+            indices = kernels.select_propagated(scores, prompt_lens, counts, self.window)
+        else:
+            indices = kernels.select_propagated_ref(
+                scores, torch.tensor(prompt_lens), torch.tensor(counts), self.window
+            )
         return [indices[i, : row.plan.count] for i, row in enumerate(rows)]
 
     def _gather(self, hidden: torch.Tensor, row: PropagatedRow, indices: torch.Tensor):

@@ -146,13 +146,16 @@ class CompressionBatch:
     ``rows`` are batch rows; tensors live on the cache's device. ``scored_lens`` is the
     number of keys each row's window scores (the prompt length, or the ``P`` propagated
     tokens in layers after ``tsp_layer``), in the row's (possibly shifted) block table.
+    The lengths and budgets also stay on the host: every layer scores and selects, and
+    the kernels size their outputs from them, so host copies spare a device sync per layer.
     """
 
     rows: list[int]
     query_ends: torch.Tensor  # int64 [n]: one past each row's last query token
     block_tables: torch.Tensor  # int32 [n, max_blocks]
     scored_lens: torch.Tensor  # int32 [n]
-    budgets: torch.Tensor  # int64 [n]: entries kept per head, T - start
+    scored_lens_host: list[int]
+    budgets: list[int]  # entries kept per head, T - start
     starts: torch.Tensor  # int64 [n]: first slot of the kept entries
     timer: CompressionTimer  # the step's
     window: int
@@ -227,7 +230,8 @@ class RetentionViews:
             query_ends=ends.to(self.device),
             block_tables=common.block_table_tensor.index_select(0, index),
             scored_lens=torch.tensor(scored, dtype=torch.int32, device=self.device),
-            budgets=torch.tensor(kept, device=self.device),
+            scored_lens_host=scored,
+            budgets=kept,
             starts=torch.tensor(starts, device=self.device),
             timer=step.timer,
             window=self.settings.window,
