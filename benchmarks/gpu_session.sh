@@ -22,7 +22,7 @@ for stage in $stages; do
   case $stage in
     tests)
       python3 -m pytest ${TESTS:-tests/kernels tests/e2e} ${PYTEST_K:+-k "$PYTEST_K"} -q -p no:cacheprovider \
-        --junitxml="$res/pytest-gpu.xml" 2>&1 | tail -40 | tee "$res/pytest-gpu.log"
+        --junitxml="$res/pytest-gpu.xml" 2>&1 | tee "$res/pytest-gpu.log" | tail -40
       ;;
     kernels)
       [ -f benchmarks/bench_kernels.py ] || { echo "no kernel benchmark"; continue; }

@@ -137,9 +137,28 @@ def test_propagation_keeps_fused_ops_for_eager_steps():
     _check_propagation(config)
     enabled = [f"+{op}" for op in PROPAGATION_CUSTOM_OPS]
     assert config.compilation_config.custom_ops == ["none", *enabled]
-    chosen = _engine(**{"compilation_config.custom_ops": ["none", "-rms_norm"]})
+    chosen = _engine(**{"compilation_config.custom_ops": ["none", "-silu_and_mul"]})
     _check_propagation(chosen)
-    assert "+rms_norm" not in chosen.compilation_config.custom_ops
+    assert "+silu_and_mul" not in chosen.compilation_config.custom_ops
+
+
+def test_eager_steps_put_vllm_kernels_first_for_ir_ops():
+    """RMSNorm dispatches through vLLM IR: the propagating steps rank vLLM's CUDA kernels
+    before the native torch version that compiled steps use, keeping other providers the
+    user put first; on a CPU (no ``vllm_c``) dispatch stays native."""
+    from vllm import ir
+    from vllm.config.kernel import IrOpPriorityConfig
+
+    from vllm_fastkv.propagation import eager_ir_priority
+
+    configured = IrOpPriorityConfig(rms_norm=["native"], fused_add_rms_norm=["oink", "native"])
+    eager = eager_ir_priority(SimpleNamespace(kernel_config=SimpleNamespace(
+        ir_op_priority=configured)))  # fmt: skip
+    assert eager.rms_norm == ["vllm_c", "native"]
+    assert eager.fused_add_rms_norm == ["oink", "vllm_c", "native"]
+    with eager.set_priority():
+        expected = ["vllm_c", "native"] if torch.cuda.is_available() else ["native"]
+        assert ir.ops.rms_norm.get_priority() == expected
 
 
 @pytest.mark.parametrize(

@@ -74,15 +74,16 @@ def _check_propagation(vllm_config: VllmConfig) -> None:
     # Steps that propagate run the decoder layers eagerly. With torch.compile vLLM turns
     # its CUDA kernels for these ops off in favour of inductor's fusions, which leaves
     # eager steps with unfused torch ops (several HBM passes each); keep the kernels on
-    # unless the user chose otherwise.
+    # unless the user chose otherwise. (RMSNorm is a vLLM IR op instead: the propagating
+    # forward sets its dispatch priority, propagation.eager_ir_priority.)
     custom_ops = vllm_config.compilation_config.custom_ops
     for op in PROPAGATION_CUSTOM_OPS:
         if f"-{op}" not in custom_ops and f"+{op}" not in custom_ops:
             custom_ops.append(f"+{op}")
 
 
-#: vLLM custom ops (norms, activation, RoPE) that eager decoder layers should run fused.
-PROPAGATION_CUSTOM_OPS = ("rms_norm", "silu_and_mul", "rotary_embedding")
+#: vLLM custom ops (activation, RoPE) that eager decoder layers should run fused.
+PROPAGATION_CUSTOM_OPS = ("silu_and_mul", "rotary_embedding")
 
 
 #: Schedulers with KV retention, for sync and async scheduling.
