@@ -130,8 +130,8 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def scoring_op(pooling: str, path: str) -> str:
-    """Table name of a scoring row: the fused kernel keeps the historical name."""
-    return f"window_scores[{pooling}]" if path == "fused" else f"window_scores[{pooling},{path}]"
+    """Table name of a scoring row: the default (two-pass) kernels go by the plain name."""
+    return f"window_scores[{pooling}]" if path == "two_pass" else f"window_scores[{pooling},{path}]"
 
 
 def sweep_fused(
