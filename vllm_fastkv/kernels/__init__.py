@@ -7,6 +7,9 @@
 * :func:`compact_kv`: moves the retained K/V entries, in place, to consecutive slots from a
   per-sequence start (Triton); KV retention packs them against the end of the prompt so
   the leading blocks can be freed.
+* :func:`pack_kv`: quantises groups of full-precision blocks to 2/4 bits into one page
+  each (Triton; layout in :mod:`vllm_fastkv.kernels.lowbit_layout`), and
+  :func:`packed_decode_attention` decodes over such pages plus full-precision blocks.
 
 Each has a plain-torch oracle with the same signature in
 :mod:`vllm_fastkv.kernels.reference` (``*_ref``). This package imports torch and triton
@@ -14,10 +17,15 @@ only, never vLLM, so it can be tested and benchmarked without vLLM.
 """
 
 from vllm_fastkv.kernels.compaction import compact_kv
+from vllm_fastkv.kernels.packed_attention import packed_decode_attention
+from vllm_fastkv.kernels.quantization import pack_kv
 from vllm_fastkv.kernels.reference import (
     compact_kv_ref,
+    pack_kv_ref,
+    packed_decode_attention_ref,
     select_propagated_ref,
     select_retained_ref,
+    unpack_pages_ref,
     window_scores_ref,
 )
 from vllm_fastkv.kernels.scoring import window_scores
@@ -26,10 +34,15 @@ from vllm_fastkv.kernels.selection import select_propagated, select_retained
 __all__ = [
     "compact_kv",
     "compact_kv_ref",
+    "pack_kv",
+    "pack_kv_ref",
+    "packed_decode_attention",
+    "packed_decode_attention_ref",
     "select_propagated",
     "select_propagated_ref",
     "select_retained",
     "select_retained_ref",
+    "unpack_pages_ref",
     "window_scores",
     "window_scores_ref",
 ]

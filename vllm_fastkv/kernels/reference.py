@@ -219,3 +219,183 @@ def compact_kv_ref(
             blocks = block_table[s].long()
             dst = start_list[s] + torch.arange(count, device=cache.device)
             raw[blocks[dst // block_size], dst % block_size, heads] = kept[s]
+
+
+# ------------------------------------------------------------------ low-bit KV
+# The packed page layout is vllm_fastkv.kernels.lowbit_layout's. These oracles quantise
+# and dequantise with the same fp32 arithmetic as the Triton kernels (IEEE division,
+# round half up, fp16 scales), so codes and scales match bit for bit.
+
+
+def quantize_groups_ref(
+    x: torch.Tensor, bits: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantisation of ``x`` in groups along ``dim``.
+
+    Returns ``(codes, scale, minimum)``: int32 codes in ``[0, 2^bits)`` shaped like ``x``,
+    and fp16 ``scale = (max - min) / (2^bits - 1)`` and ``min`` with ``dim`` reduced (kept
+    as size 1). Both are clamped to the fp16 range before rounding to it; a group whose
+    fp16 scale is 0 (constant, or too narrow for fp16) gets codes 0.
+    """
+    levels = 2**bits - 1
+    x = x.float()
+    fp16_max = torch.finfo(torch.float16).max
+    low = x.amin(dim=dim, keepdim=True)
+    high = x.amax(dim=dim, keepdim=True)
+    scale = ((high - low) / levels).clamp(max=fp16_max).half()
+    minimum = low.clamp(-fp16_max, fp16_max).half()
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    codes = torch.floor((x - minimum.float()) / safe + 0.5).clamp(0, levels)
+    codes = torch.where(scale == 0, torch.zeros_like(codes), codes)
+    return codes.to(torch.int32), scale, minimum
+
+
+def dequantize_groups_ref(
+    codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+) -> torch.Tensor:
+    """fp32 ``codes * scale + min`` (the inverse of :func:`quantize_groups_ref`)."""
+    return codes.float() * scale.float() + minimum.float()
+
+
+def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words from codes ``[..., n]``: word ``w`` holds codes ``w * k + i`` (``k =
+    32 / bits``) in bits ``[i * bits, (i + 1) * bits)``."""
+    per_word = 32 // bits
+    grouped = codes.long().reshape(*codes.shape[:-1], -1, per_word)
+    shifts = torch.arange(per_word, device=codes.device) * bits
+    words = (grouped << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[..., n * (32 / bits)]`` from int32 words (the inverse of ``_pack_words``)."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, device=words.device) * bits
+    codes = (words.long()[..., None] >> shifts) & (2**bits - 1)
+    return codes.reshape(*words.shape[:-1], -1)
+
+
+def _head_region(layout, words: torch.Tensor, halves: torch.Tensor, page: int, r: int, h: int):
+    """Views of (sub-block ``r``, head ``h``)'s regions in ``page``: key codes
+    ``[dim, key_words]``, value codes ``[block, value_words]``, key scale/min ``[dim]``,
+    value scale/min ``[block, groups]``."""
+    start = layout.head_words_start(r, h)
+    key_codes = words[page, start : start + layout.value_codes_offset]
+    value_start = start + layout.value_codes_offset
+    value_codes = words[page, value_start : value_start + layout.block_size * layout.value_words]
+    key_scale, key_min, value_scale, value_min = (2 * start + o for o in layout.scale_offsets())
+    per_token = layout.block_size * layout.value_groups
+    return (
+        key_codes.view(layout.head_dim, layout.key_words),
+        value_codes.view(layout.block_size, layout.value_words),
+        halves[page, key_scale : key_scale + layout.head_dim],
+        halves[page, key_min : key_min + layout.head_dim],
+        halves[page, value_scale : value_scale + per_token].view(layout.block_size, -1),
+        halves[page, value_min : value_min + per_token].view(layout.block_size, -1),
+    )
+
+
+def pack_kv_ref(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    src_blocks: torch.Tensor,
+    layout,
+) -> None:
+    """In place: the ``R`` full-precision blocks ``src_blocks[g]`` (``[n, R]``, in logical
+    order) are quantised into the page of ``src_blocks[g, 0]``.
+
+    Every group's blocks are read before any page is written, so a page may be one of its
+    own sources (it always is: the first). Keys: per channel over each block's tokens;
+    values: per token over ``layout.value_group`` channels.
+    """
+    from vllm_fastkv.kernels.lowbit_layout import page_views
+
+    words, halves = page_views(key_cache)
+    groups = src_blocks.long().tolist()
+    blocks = [
+        (key_cache[row].float().clone(), value_cache[row].float().clone())
+        for row in src_blocks.long()
+    ]  # [R, block, heads, dim] each
+    for (keys, values), group in zip(blocks, groups):
+        page = group[0]
+        for r in range(layout.blocks_per_page):
+            for h in range(layout.num_kv_heads):
+                kc, vc, ks, km, vs, vm = _head_region(layout, words, halves, page, r, h)
+                codes, scale, minimum = quantize_groups_ref(keys[r, :, h].T, layout.bits, dim=1)
+                kc.copy_(_pack_words(codes, layout.bits))
+                ks.copy_(scale[:, 0])
+                km.copy_(minimum[:, 0])
+                grouped = values[r, :, h].reshape(layout.block_size, layout.value_groups, -1)
+                codes, scale, minimum = quantize_groups_ref(grouped, layout.bits, dim=2)
+                vc.copy_(_pack_words(codes.flatten(1), layout.bits))
+                vs.copy_(scale[..., 0])
+                vm.copy_(minimum[..., 0])
+
+
+def unpack_pages_ref(
+    key_cache: torch.Tensor, pages: torch.Tensor, layout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantised fp32 K and V ``[n, R * block_size, num_kv_heads, head_dim]`` of packed
+    ``pages`` (``[n]`` block ids), tokens in logical order."""
+    from vllm_fastkv.kernels.lowbit_layout import page_views
+
+    words, halves = page_views(key_cache)
+    n, r_count = pages.numel(), layout.blocks_per_page
+    shape = (n, r_count, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    keys = torch.empty(shape, dtype=torch.float32, device=key_cache.device)
+    values = torch.empty_like(keys)
+    for i, page in enumerate(pages.long().tolist()):
+        for r in range(r_count):
+            for h in range(layout.num_kv_heads):
+                kc, vc, ks, km, vs, vm = _head_region(layout, words, halves, page, r, h)
+                key_codes = _unpack_words(kc, layout.bits)  # [dim, block]
+                keys[i, r, :, h] = dequantize_groups_ref(key_codes, ks[:, None], km[:, None]).T
+                value_codes = _unpack_words(vc, layout.bits).view(
+                    layout.block_size, layout.value_groups, -1
+                )
+                values[i, r, :, h] = dequantize_groups_ref(
+                    value_codes, vs[..., None], vm[..., None]
+                ).flatten(1)
+    return keys.flatten(1, 2), values.flatten(1, 2)
+
+
+def packed_decode_attention_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    packed_pages: torch.Tensor,
+    output: torch.Tensor,
+    *,
+    scale: float,
+    layout,
+) -> torch.Tensor:
+    """Decode attention of rows whose first tokens are packed, into ``output``.
+
+    Row ``i`` with ``packed_pages[i] = n > 0`` has one query, ``query[query_start_loc[i]]``
+    (``[num_q_heads, head_dim]``), and ``seq_lens[i]`` visible tokens: the first ``n *
+    R * block_size`` in the packed pages ``block_table[i, k * R]`` (``k < n``), the rest in
+    full-precision blocks from column ``n * R`` on. Writes that query's output row; rows
+    with ``n == 0`` are left untouched. Softmax and products in fp32.
+    """
+    group = query.shape[1] // key_cache.shape[2]
+    page_tokens = layout.page_tokens
+    starts = query_start_loc.tolist()
+    for i, (seq_len, n) in enumerate(zip(seq_lens.tolist(), packed_pages.tolist())):
+        if n <= 0:
+            continue
+        row = block_table[i].long()
+        pages = row[: n * layout.blocks_per_page : layout.blocks_per_page]
+        keys, values = unpack_pages_ref(key_cache, pages, layout)
+        rest = torch.arange(n * page_tokens, seq_len, device=query.device)
+        blocks, slots = row[rest // layout.block_size], rest % layout.block_size
+        keys = torch.cat([keys.flatten(0, 1), key_cache[blocks, slots].float()])
+        values = torch.cat([values.flatten(0, 1), value_cache[blocks, slots].float()])
+        q = query[starts[i]].float()  # [heads, dim]
+        k = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, seq, dim]
+        v = values.transpose(0, 1).repeat_interleave(group, dim=0)
+        probs = torch.softmax(torch.einsum("hd,hsd->hs", q, k) * scale, dim=-1)
+        output[starts[i]] = torch.einsum("hs,hsd->hd", probs, v).to(output.dtype)
+    return output

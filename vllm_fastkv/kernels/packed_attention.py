@@ -1,0 +1,192 @@
+"""Decode attention over a cache whose oldest tokens are packed low-bit pages (Triton).
+
+A request whose retained prompt KV was packed (:mod:`vllm_fastkv.kernels.quantization`)
+sees, in its (retention-shifted) block table, ``n`` packed pages at columns ``0, R, 2R,
+...`` holding its first ``n * R * block_size`` tokens, then ordinary full-precision
+blocks. :func:`packed_decode_attention` computes such a row's decode attention in one
+online-softmax pass over both parts: packed codes are dequantised in registers (a
+full-precision copy never exists in memory), full-precision blocks are read as they
+are. It reads a packed token's ``2 x head_dim x bits / 8`` bytes plus its share of the
+scales instead of ``2 x head_dim x 2``.
+
+The serving path runs vLLM's own attention over the batch first (with a packed row's
+length cut to one token, so it reads almost nothing for it) and then this kernel, which
+overwrites the packed rows' outputs. Rows with no packed page are skipped inside the
+kernel, so the grid depends only on the batch size: CUDA graphs capture it once.
+
+Semantics: :func:`vllm_fastkv.kernels.reference.packed_decode_attention_ref`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_fastkv.kernels.lowbit_layout import LowBitLayout, page_views
+from vllm_fastkv.kernels.quantization import check_kernel_layout
+
+# tl.dot needs at least 16 rows; a KV head's query group is padded to this.
+_MIN_DOT_ROWS = 16
+_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _attend(q, k_t, v, m_i, l_i, acc, valid, DOT_PRECISION: tl.constexpr):
+    """Online-softmax step over one tile: logits ``q @ k_t`` (base-2, scale folded into
+    ``q``), keys where ``valid`` is false are masked."""
+    logits = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+    logits = tl.where(valid[None, :], logits, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    p = tl.exp2(logits - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _unpack(words, shifts, BITS: tl.constexpr):
+    """uint32 codes from int32 words ``[A, W]``: ``[A, W * (32 / BITS)]`` in word order."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    bits = words.to(tl.uint32, bitcast=True)
+    codes = (bits[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, [words.shape[0], words.shape[1] * PER_WORD])
+
+
+@triton.jit
+def _packed_decode_kernel(
+    query_ptr, key_ptr, value_ptr, words_ptr, halves_ptr, block_table_ptr, qsl_ptr,
+    seq_lens_ptr, packed_ptr, out_ptr,
+    stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_bt, page_words, group, qk_scale,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, VGROUP: tl.constexpr,
+    NUM_HEADS: tl.constexpr, R: tl.constexpr, HEAD_WORDS: tl.constexpr,
+    VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr,
+    VALUE_SCALE: tl.constexpr, VALUE_MIN: tl.constexpr, G_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (row, KV head): the row's decode query heads of this KV head."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    num_pages = tl.load(packed_ptr + row)
+    if num_pages > 0:
+        PER_WORD: tl.constexpr = 32 // BITS
+        KEY_WORDS: tl.constexpr = BLOCK // PER_WORD
+        VALUE_WORDS: tl.constexpr = DIM // PER_WORD
+        NG: tl.constexpr = DIM // VGROUP
+        seq_len = tl.load(seq_lens_ptr + row)
+        token = tl.load(qsl_ptr + row).to(tl.int64)
+        m = tl.arange(0, G_PAD)
+        dim = tl.arange(0, DIM)
+        tok = tl.arange(0, BLOCK)
+        heads = h * group + m
+        q_mask = (m < group)[:, None]
+        q = tl.load(query_ptr + token * stride_qt + heads[:, None] * stride_qh
+                    + dim[None, :] * stride_qd, mask=q_mask, other=0.0).to(tl.float32)
+        q = (q * qk_scale).to(DOT_DTYPE)
+        shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+        row_ptr = block_table_ptr + row.to(tl.int64) * stride_bt
+        m_i = tl.full([G_PAD], -1e30, tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, DIM], tl.float32)
+        all_valid = tok >= 0
+        for k in range(0, num_pages):
+            page = tl.load(row_ptr + k * R).to(tl.int64)
+            for r in range(0, R):
+                base = page * page_words + (r * NUM_HEADS + h) * HEAD_WORDS
+                half = 2 * base
+                # Keys, transposed: [DIM, BLOCK], per-channel scale and minimum.
+                k_words = tl.load(words_ptr + base + dim[:, None] * KEY_WORDS
+                                  + tl.arange(0, KEY_WORDS)[None, :])
+                k_t = _unpack(k_words, shifts, BITS).to(tl.float32)
+                k_scale = tl.load(halves_ptr + half + KEY_SCALE + dim).to(tl.float32)
+                k_min = tl.load(halves_ptr + half + KEY_MIN + dim).to(tl.float32)
+                k_t = k_t * k_scale[:, None] + k_min[:, None]
+                # Values: [BLOCK, DIM], per-token, per-channel-group scale and minimum.
+                v_words = tl.load(words_ptr + base + VALUE_CODES + tok[:, None] * VALUE_WORDS
+                                  + tl.arange(0, VALUE_WORDS)[None, :])
+                v = tl.reshape(_unpack(v_words, shifts, BITS).to(tl.float32),
+                               [BLOCK, NG, VGROUP])
+                grp = tok[:, None] * NG + tl.arange(0, NG)[None, :]
+                v_scale = tl.load(halves_ptr + half + VALUE_SCALE + grp).to(tl.float32)
+                v_min = tl.load(halves_ptr + half + VALUE_MIN + grp).to(tl.float32)
+                v = tl.reshape(v * v_scale[:, :, None] + v_min[:, :, None], [BLOCK, DIM])
+                m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
+                                        all_valid, DOT_PRECISION)
+        for start in range(num_pages * R * BLOCK, seq_len, BLOCK):
+            block = tl.load(row_ptr + start // BLOCK).to(tl.int64)
+            valid = start + tok < seq_len
+            k_t = tl.load(key_ptr + block * stride_kb + tok[None, :] * stride_ks
+                          + h * stride_kh + dim[:, None] * stride_kd,
+                          mask=valid[None, :], other=0.0)
+            v = tl.load(value_ptr + block * stride_vb + tok[:, None] * stride_vs
+                        + h * stride_vh + dim[None, :] * stride_vd,
+                        mask=valid[:, None], other=0.0)
+            m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
+                                    valid, DOT_PRECISION)
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
+                 + dim[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def packed_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    packed_pages: torch.Tensor,
+    output: torch.Tensor,
+    *,
+    scale: float,
+    layout: LowBitLayout,
+) -> torch.Tensor:
+    """Decode attention of the rows with packed pages, written into ``output``.
+
+    Args:
+        query, output: ``[num_tokens, num_q_heads, head_dim]``; row ``i``'s query is token
+            ``query_start_loc[i]`` (one query per packed row).
+        key_cache, value_cache: the layer's views ``[num_blocks, block_size, heads, dim]``.
+        block_table: int32 ``[>= rows, max_blocks]``, as the row attends (shifted past
+            any freed leading blocks).
+        query_start_loc: int32 ``[>= rows + 1]``.
+        seq_lens: int32 ``[rows]`` tokens each row attends to.
+        packed_pages: int32 ``[rows]`` packed pages ``n`` at the front of each row (0: the
+            row is left untouched).
+        scale: softmax scale.
+        layout: the packed layout of the cache's pages.
+
+    The grid is ``rows x num_kv_heads`` whatever the packed rows are, so the launch can
+    be captured in a CUDA graph and replayed with other lengths and page counts.
+    """
+    check_kernel_layout(layout)
+    rows = seq_lens.shape[0]
+    if rows == 0:
+        return output
+    num_q_heads = query.shape[1]
+    group = num_q_heads // layout.num_kv_heads
+    words, halves = page_views(key_cache)
+    key_scale, key_min, value_scale, value_min = layout.scale_offsets()
+    # On GPUs the dots run in the cache's dtype (fp32 accumulation), like FlashAttention;
+    # Triton's CPU interpreter mis-multiplies bf16 operands produced in registers, so
+    # there (and for fp32 caches) they run in fp32.
+    dot_dtype = _DOT_DTYPES.get(key_cache.dtype) if key_cache.is_cuda else None
+    _packed_decode_kernel[(rows, layout.num_kv_heads)](
+        query, key_cache, value_cache, words, halves, block_table, query_start_loc, seq_lens,
+        packed_pages, output,
+        *query.stride(), *output.stride(), *key_cache.stride(), *value_cache.stride(),
+        block_table.stride(0), words.shape[1], group, scale * math.log2(math.e),
+        BITS=layout.bits, BLOCK=layout.block_size, DIM=layout.head_dim,
+        VGROUP=layout.value_group, NUM_HEADS=layout.num_kv_heads, R=layout.blocks_per_page,
+        HEAD_WORDS=layout.head_bytes // 4, VALUE_CODES=layout.value_codes_offset,
+        KEY_SCALE=key_scale, KEY_MIN=key_min, VALUE_SCALE=value_scale, VALUE_MIN=value_min,
+        G_PAD=max(triton.next_power_of_2(group), _MIN_DOT_ROWS),
+        DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
+    )  # fmt: skip
+    return output
