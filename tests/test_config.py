@@ -36,6 +36,9 @@ def test_precedence_additional_config_over_env_over_defaults():
         ({"mode": "constant", "max_capacity_prompt": 8}, "max_capacity_prompt"),
         ({"tsp_layer": -1}, "fastkv.tsp_layer"),
         ({"retain": 0.1}, "fastkv.retain"),
+        ({"kv_bits": 3}, "fastkv.kv_bits"),
+        ({"kv_group_size": 0}, "fastkv.kv_group_size"),
+        ({"kv_residual": -1}, "fastkv.kv_residual"),
     ],
 )
 def test_invalid_values_name_the_field(section, field):
@@ -83,3 +86,4 @@ def test_budgets():
     assert not off.compresses
     assert not FastKVConfig.validated({"tsp_rate": 1.0, "retain_rate": 1.0}).compresses
     assert cfg.compresses
+    assert not cfg.quantizes and FastKVConfig.validated({"kv_bits": 2}).quantizes

@@ -90,11 +90,11 @@ def test_late_layout_of_a_mixed_step():
     row 3 is another request's prefill chunk that passes through."""
     query_lens, seq_lens = [1, 64, 100, 50], [300, 64, 400, 50]
     common = _common(query_lens, seq_lens, blocks_per_row=26)
-    retained = PromptRetention(prompt_len=400, start=352)
+    retained = PromptRetention(prompt_len=400, start=352, packed_pages=1)
     propagation = PromptPropagation(count=80, start=320, chunk_start=300, buffer_offset=1000)
     plan = RetentionStepPlan(
-        compress={"c": retained}, starts={"d": 256}, propagate={"c": propagation},
-        stash={"s": (0, 500)},
+        compress={"c": retained}, starts={"d": 256}, packed={"d": 2},
+        propagate={"c": propagation}, stash={"s": (0, 500)},
     )  # fmt: skip
     step = SimpleNamespace(req_ids=["d", "s", "c", "o"], plan=plan)
     layout = late_layout(common, step, BLOCK)
@@ -105,9 +105,11 @@ def test_late_layout_of_a_mixed_step():
     assert late.query_start_loc_cpu.tolist() == [0, 1, 81, 131]
     assert late.seq_lens.tolist() == [300, 320 + 80, 50]
     assert layout.starts == [256, 320, 0]
+    # The decoding row keeps its packed pages; the propagated one packs its own later.
+    assert layout.packed == [2, 0, 0]
     # The propagated row scores its 80 tokens and keeps T - S = 48 of them at [S, T),
-    # i.e. from S - S_p = 32 in its shifted view.
-    assert layout.compress == [(1, 80, 32, 48)]
+    # i.e. from S - S_p = 32 in its shifted view, and packs one page from there.
+    assert layout.compress == [(1, 80, 32, 48, 1)]
     assert layout.keep_src.tolist() == [0, *range(165, 215)]
     assert layout.keep_dst.tolist() == [0, *range(81, 131)]
     row = layout.propagated[0]
@@ -180,3 +182,26 @@ def test_full_cudagraphs_are_refused():
 
     with pytest.raises(FastKVConfigError, match="cudagraph_mode=FULL"):
         _check_propagation(_engine(**{"compilation_config.cudagraph_mode": CUDAGraphMode.FULL}))
+
+
+def test_views_of_packed_rows():
+    """With low-bit KV, a packed decode row reads from its start slot like any compressed
+    row; vLLM's attention sees one token of it and the packed attention the real length;
+    a packed row with several queries is refused (packed rows attend one query each)."""
+    from vllm_fastkv.retention_metadata import RetentionViews
+
+    settings = FastKVConfig.validated({"retain_rate": 0.25, "kv_bits": 2})
+    views = RetentionViews(settings, max_rows=4, block_size=BLOCK, device=torch.device("cpu"))
+    common = _common([1, 1, 30], [300, 120, 30], blocks_per_row=20)
+    shifted, packed = views.apply(common, starts=[224, 96, 0], packed=[2, 0, 0])
+    assert shifted.seq_lens.tolist() == [1, 120 - 96, 30]
+    assert packed.pages.tolist() == [2, 0, 0] and packed.seq_lens.tolist() == [76, 24, 30]
+    assert torch.equal(packed.block_table[0, :6], common.block_table_tensor[0, 14:20])
+    # Buffers are rewritten every step: a step without packed rows clears them.
+    _, packed = views.apply(common, starts=[224, 96, 0], packed=[])
+    assert packed.pages.tolist() == [0, 0, 0]
+    with pytest.raises(RuntimeError, match="decode only"):
+        views.apply(common, starts=[0, 0, 0], packed=[0, 0, 1])
+    plain = RetentionViews(FastKVConfig.validated({"retain_rate": 0.25}), 4, BLOCK,
+                           torch.device("cpu"))  # fmt: skip
+    assert plain.apply(common, [224, 96, 0], [])[1] is None

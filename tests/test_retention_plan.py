@@ -40,6 +40,35 @@ def test_constant_mode():
     assert plan.kept == 512 and plan.start == 32768 - 512
 
 
+def test_low_bit_pages_of_a_32k_prompt():
+    """Llama-3.1-8B pages at 2 bits hold R = 4 blocks (64 slots): 3,280 kept slots minus
+    the 128-token residual fold into 49 pages, which free 147 more blocks."""
+    settings = FastKVConfig.validated({"retain_rate": 0.1, "kv_bits": 2})
+    plan = plan_retention(settings, 32768, 16, page_tokens=64)
+    assert (plan.kept, plan.packed_pages) == (3280, (3280 - 128) // 64) == (3280, 49)
+    assert plan_retention(ENGINE, 32768, 16, page_tokens=64).packed_pages == 0  # 16 bits
+    tight = FastKVConfig.validated({"retain_rate": 0.1, "kv_bits": 2, "kv_residual": 3280})
+    assert plan_retention(tight, 32768, 16, page_tokens=64).packed_pages == 0
+
+
+@given(
+    prompt_len=st.integers(1, 200_000),
+    rate=st.floats(0.01, 1.0),
+    residual=st.integers(0, 4096),
+    per_page=st.integers(2, 9),
+)
+def test_packed_pages_stay_inside_the_kept_slots(prompt_len, rate, residual, per_page):
+    settings = FastKVConfig.validated({"retain_rate": rate, "kv_bits": 4,
+                                       "kv_residual": residual})  # fmt: skip
+    plan = plan_retention(settings, prompt_len, 16, page_tokens=16 * per_page)
+    if plan is None:
+        return
+    packed = plan.packed_pages * 16 * per_page
+    # Whole pages, before the residual, and no page could be added.
+    assert 0 <= packed <= plan.kept - residual or packed == 0
+    assert plan.kept - residual - packed < 16 * per_page
+
+
 @given(
     prompt_len=st.integers(1, 200_000),
     rate=st.floats(0.01, 1.0),

@@ -30,6 +30,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from vllm_fastkv.kv_compression import compress_prompt_kv
+from vllm_fastkv.kv_quantization import PACKED_ATTR, attend_packed
 from vllm_fastkv.registration import BACKEND_NAME
 from vllm_fastkv.retention_metadata import COMPRESSION_ATTR, RetentionMetadataBuilderMixin
 from vllm_fastkv.torch_paged_attention import paged_attention, split_kv_cache, write_paged_kv
@@ -64,7 +65,9 @@ class _CompressAfterAttention:
     """Mix into an attention implementation: compress completed prompts after attending.
 
     The step that completes a prompt attends over the whole prompt as stock vLLM does;
-    only then is this layer's prompt KV reduced to its retained entries.
+    only then is this layer's prompt KV reduced to its retained entries (and, with
+    low-bit KV, packed). Rows whose KV is packed get their output from the packed-KV
+    attention, after vLLM's (which saw one token of them).
     """
 
     head_size: int
@@ -88,11 +91,16 @@ class _CompressAfterAttention:
             output_scale, output_block_scale,
         )  # fmt: skip
         batch = getattr(attn_metadata, COMPRESSION_ATTR, None)
+        packed = getattr(attn_metadata, PACKED_ATTR, None)
+        if batch is None and packed is None:
+            return output
+        key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+        if is_quantized_kv_cache(self.kv_cache_dtype):
+            key_cache = key_cache.view(current_platform.fp8_dtype())
+            value_cache = value_cache.view(current_platform.fp8_dtype())
+        if packed is not None:
+            attend_packed(query, key_cache, value_cache, packed, output, scale=self.scale)
         if batch is not None:
-            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
-            if is_quantized_kv_cache(self.kv_cache_dtype):
-                key_cache = key_cache.view(current_platform.fp8_dtype())
-                value_cache = value_cache.view(current_platform.fp8_dtype())
             with batch.timer.span(query.device):
                 compress_prompt_kv(
                     query, key_cache, value_cache, batch,

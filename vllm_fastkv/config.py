@@ -90,6 +90,24 @@ class FastKVConfig(BaseModel):
             "prompts prefilled in one step)."
         ),
     )
+    kv_bits: Literal[16, 4, 2] = Field(
+        default=16,
+        description=(
+            "Bits per stored element of the retained prompt KV: 16 keeps it as is; 4 or 2 "
+            "packs it KIVI-style (keys per channel, values per token) into fewer cache "
+            "blocks, which go back to vLLM's pool."
+        ),
+    )
+    kv_group_size: int = Field(
+        default=32,
+        ge=1,
+        description="Low-bit KV: value channels per quantisation group (keys: one block).",
+    )
+    kv_residual: int = Field(
+        default=128,
+        ge=0,
+        description="Low-bit KV: the last prompt tokens always kept in full precision.",
+    )
     selection: Literal["scored", "recency"] = Field(
         default="scored",
         description=(
@@ -179,6 +197,11 @@ class FastKVConfig(BaseModel):
             prompt_len, mode=self.mode, rate=self.retain_rate,
             capacity=self.max_capacity_prompt, window=self.window,
         )  # fmt: skip
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether retained prompt KV is packed to ``kv_bits`` bits."""
+        return self.enabled and self.kv_bits < 16
 
     @property
     def propagates(self) -> bool:

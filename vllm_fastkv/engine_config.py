@@ -9,6 +9,7 @@ by pickling and read exactly what was validated here.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
@@ -38,6 +39,8 @@ def validate_engine_config(vllm_config: VllmConfig) -> FastKVConfig:
                 ", ".join(sorted(SUPPORTED_ARCHITECTURES)), model_config.architectures,
             )
             settings = settings.model_copy(update={"tsp_rate": 1.0})
+    if settings.quantizes:
+        _check_low_bit(vllm_config, settings)
     vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = settings.model_dump()
     logger.info("FastKV settings: %s", settings.model_dump_json())
     if settings.compresses:
@@ -46,6 +49,41 @@ def validate_engine_config(vllm_config: VllmConfig) -> FastKVConfig:
     if settings.propagates:
         _check_propagation(vllm_config)
     return settings
+
+
+def _check_low_bit(vllm_config: VllmConfig, settings: FastKVConfig) -> None:
+    """Refuse low-bit KV where it would not pack: without retention, or for a cache page
+    format the packed layout cannot use (checked again on the exact KV cache spec when
+    the scheduler starts; the block size may only be settled later)."""
+    if settings.retain_rate >= 1.0 and settings.mode == "proportional":
+        raise FastKVConfigError(
+            f"Invalid FastKV setting fastkv.kv_bits={settings.kv_bits}: low-bit KV packs "
+            "what KV retention keeps, so it needs fastkv.retain_rate < 1 or mode 'constant'"
+        )
+    model_config = vllm_config.model_config
+    if model_config is None:
+        return
+    import torch
+
+    from vllm_fastkv.kv_quantization import engine_layout
+
+    cache_config = vllm_config.cache_config
+    cache_dtype = str(cache_config.cache_dtype)
+    element_size = 1 if cache_dtype.startswith("fp8") else (
+        model_config.dtype.itemsize if cache_dtype == "auto"
+        else getattr(torch, cache_dtype).itemsize
+    )  # fmt: skip
+    block_size = cache_config.block_size or DEFAULT_BLOCK_SIZE
+    num_kv_heads = model_config.get_num_kv_heads(vllm_config.parallel_config)
+    head_size = model_config.get_head_size()
+    engine_layout(SimpleNamespace(
+        block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size,
+        page_size_bytes=2 * block_size * num_kv_heads * head_size * element_size,
+    ), settings)  # fmt: skip
+
+
+#: vLLM's block size on CUDA when none is given (the scheduler re-checks the real one).
+DEFAULT_BLOCK_SIZE = 16
 
 
 def _propagation_supported(model_config) -> bool:

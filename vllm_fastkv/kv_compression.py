@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from vllm_fastkv import kernels
+from vllm_fastkv.kv_quantization import pack_prompt_pages
 from vllm_fastkv.retention_metadata import CompressionBatch
 
 
@@ -26,7 +27,8 @@ def compress_prompt_kv(
     scale: float,
     k_scale: float = 1.0,
 ) -> None:
-    """Keep ``batch.budgets[i]`` entries per KV head of each row's prompt, at ``[S, T)``.
+    """Keep ``batch.budgets[i]`` entries per KV head of each row's prompt, at ``[S, T)``,
+    and pack the first ``batch.packed_pages[i]`` low-bit pages of them.
 
     Args:
         query: ``[num_tokens, num_q_heads, head_dim]``, this step's queries (RoPE applied).
@@ -35,9 +37,24 @@ def compress_prompt_kv(
         batch: the rows whose prompt completes in this step.
         scale: the attention's softmax scale.
     """
-    if batch.selection == "recency":
-        # The baseline keeps the last ``T - S`` tokens: they already sit at ``[S, T)``.
-        return
+    if batch.selection != "recency":
+        # The recency baseline keeps the last ``T - S`` tokens: already at ``[S, T)``.
+        _select_and_compact(query, key_cache, value_cache, batch, scale=scale, k_scale=k_scale)
+    if any(batch.packed_pages):
+        pack_prompt_pages(key_cache, value_cache, batch.block_tables, batch.starts_host,
+                          batch.packed_pages, batch.settings)  # fmt: skip
+
+
+def _select_and_compact(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: CompressionBatch,
+    *,
+    scale: float,
+    k_scale: float,
+) -> None:
+    """Score, select and compact each row's kept entries into ``[S, T)``."""
     window = batch.window
     offsets = torch.arange(-window, 0, device=query.device)
     window_queries = query[batch.query_ends[:, None] + offsets]  # [n, w, heads, dim]

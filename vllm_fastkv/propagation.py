@@ -90,7 +90,9 @@ class LateLayout:
 
     common: CommonAttentionMetadata
     starts: list[int]  # per late row: the first slot its attention reads
-    compress: list[tuple[int, int, int, int]]  # (late row, scored length, start, kept)
+    packed: list[int]  # per late row: its packed low-bit pages
+    compress: list[tuple[int, int, int, int, int]]  # (late row, scored length, start, kept,
+    # pages to pack)
     propagated: list[PropagatedRow]
     stash: list[tuple[int, int, int]]
     keep_src: torch.Tensor
@@ -110,7 +112,7 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
     plan = step.plan
     query_start = common.query_start_loc_cpu.tolist()
     device = common.block_table_tensor.device
-    rows, starts, late_query_start, compress = [], [], [0], []
+    rows, starts, packed, late_query_start, compress = [], [], [], [0], []
     seq_lens_host: dict[int, int] = {}
     keep_src: list[int] = []
     keep_dst: list[int] = []
@@ -135,17 +137,19 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
                 propagation, retained.prompt_len, row, late_row, begin, end, late_begin
             ))  # fmt: skip
             starts.append(propagation.start)
+            packed.append(0)
             seq_lens_host[late_row] = propagation.start + count
-            compress.append(
-                (late_row, count, retained.start - propagation.start, retained.kept)
-            )
+            compress.append((late_row, count, retained.start - propagation.start,
+                             retained.kept, retained.packed_pages))  # fmt: skip
         else:
             count = end - begin
             keep_src.extend(range(begin, end))
             keep_dst.extend(range(late_begin, late_begin + count))
             starts.append(plan.starts.get(req_id, 0))
+            packed.append(plan.packed.get(req_id, 0))
             if retained is not None:
-                compress.append((late_row, retained.prompt_len, retained.start, retained.kept))
+                compress.append((late_row, retained.prompt_len, retained.start,
+                                 retained.kept, retained.packed_pages))  # fmt: skip
         late_query_start.append(late_begin + count)
 
     row_index = torch.tensor(rows, dtype=torch.long)
@@ -196,7 +200,7 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
         _num_computed_tokens_cache=None,
         _token_to_req_indices_cache=None,
     )
-    return LateLayout(late, starts, compress, propagated, stash, keep_src_t, keep_dst_t)
+    return LateLayout(late, starts, packed, compress, propagated, stash, keep_src_t, keep_dst_t)
 
 
 class PropagatingForward:

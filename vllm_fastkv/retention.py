@@ -11,6 +11,13 @@ the leading ``S / block_size`` blocks are dead for every layer and go back to vL
 block pool, and new tokens keep their logical slots ``T, T + 1, ...`` so positions,
 slot mappings and vLLM's token accounting never change.
 
+Low-bit KV (``kv_bits`` 4 or 2) then folds the kept slots into packed pages: from ``S``
+on, every ``R`` consecutive blocks (``page_tokens = R * block_size`` slots) whose slots all
+lie before the last ``kv_residual`` prompt tokens become one page, quantised into the
+first block of the ``R``; the other ``R - 1`` blocks go back to the pool too. ``R`` comes
+from the page layout (:mod:`vllm_fastkv.kernels.lowbit_layout`), passed in as
+``page_tokens``.
+
 Nothing here imports torch or vLLM.
 """
 
@@ -32,10 +39,12 @@ REQUEST_OVERRIDABLE = frozenset({"enabled", "retain_rate", "mode", "max_capacity
 
 @dataclass(frozen=True)
 class PromptRetention:
-    """How one request's prompt KV is compressed: keep slots ``[start, prompt_len)``."""
+    """How one request's prompt KV is compressed: keep slots ``[start, prompt_len)``, the
+    first ``packed_pages * page_tokens`` of them packed to low-bit pages."""
 
     prompt_len: int
     start: int
+    packed_pages: int = 0
 
     @property
     def kept(self) -> int:
@@ -72,6 +81,7 @@ class RetentionStepPlan:
     their KV right after its attention (which still sees the whole prompt).
     ``starts``: requests compressed in an earlier step; attention reads their blocks
     from ``start`` on (the blocks before it may already belong to other requests).
+    ``packed``: requests of ``starts`` whose first kept slots are packed pages (how many).
     ``propagate``: the subset of ``compress`` that continues past ``tsp_layer`` with its
     selected tokens only.
     ``stash``: non-final prefill chunks of propagated prompts, as ``(chunk_start,
@@ -81,6 +91,7 @@ class RetentionStepPlan:
 
     compress: dict[str, PromptRetention] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
+    packed: dict[str, int] = field(default_factory=dict)
     propagate: dict[str, PromptPropagation] = field(default_factory=dict)
     stash: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -123,12 +134,14 @@ def request_settings(
 
 
 def plan_retention(
-    settings: FastKVConfig, prompt_len: int, block_size: int
+    settings: FastKVConfig, prompt_len: int, block_size: int, page_tokens: int = 0
 ) -> PromptRetention | None:
     """The retention layout of a ``prompt_len``-token prompt, or None to keep it whole.
 
     A prompt is left alone when FastKV is disabled for it or when its budget is within
-    one block of its length (nothing could be freed).
+    one block of its length (nothing could be freed). With low-bit KV (``page_tokens``:
+    slots per packed page, 0 without), the kept slots before the last ``kv_residual``
+    prompt tokens are packed in whole pages.
     """
     if not settings.enabled or settings.retain_rate >= 1.0 and settings.mode == "proportional":
         return None
@@ -136,7 +149,10 @@ def plan_retention(
     start = (prompt_len - budget) // block_size * block_size
     if start <= 0:
         return None
-    return PromptRetention(prompt_len=prompt_len, start=start)
+    pages = 0
+    if settings.quantizes and page_tokens > 0:
+        pages = max(prompt_len - start - settings.kv_residual, 0) // page_tokens
+    return PromptRetention(prompt_len=prompt_len, start=start, packed_pages=pages)
 
 
 def plan_propagation(

@@ -29,6 +29,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.engine_config import engine_fastkv_config
+from vllm_fastkv.kv_quantization import PACKED_ATTR, PackedRows
 from vllm_fastkv.propagation import PROPAGATION_ATTR, LateBatch, late_layout
 from vllm_fastkv.retention import STEP_PLAN_ATTR, PromptRetention, RetentionStepPlan
 from vllm_fastkv.retention_stats import COMPRESSION_SECONDS, CompressionTimer
@@ -49,6 +50,11 @@ class StepRows:
     def starts(self) -> list[int]:
         """Per row: the first slot attention reads (0 for uncompressed requests)."""
         return [self.plan.starts.get(req_id, 0) for req_id in self.req_ids]
+
+    @functools.cached_property
+    def packed(self) -> list[int]:
+        """Per row: packed low-bit pages at the front of its kept slots (0: none)."""
+        return [self.plan.packed.get(req_id, 0) for req_id in self.req_ids]
 
     @functools.cached_property
     def compress_rows(self) -> list[tuple[int, PromptRetention]]:
@@ -157,7 +163,10 @@ class CompressionBatch:
     scored_lens_host: list[int]
     budgets: list[int]  # entries kept per head, T - start
     starts: torch.Tensor  # int64 [n]: first slot of the kept entries
+    starts_host: list[int]
+    packed_pages: list[int]  # low-bit pages to pack from each row's start slot
     timer: CompressionTimer  # the step's
+    settings: FastKVConfig
     window: int
     pool_kernel: int
     pooling: str
@@ -167,8 +176,9 @@ class CompressionBatch:
     scores: torch.Tensor | None = None
 
 
-#: A row to compress: (batch row, scored length, start slot, entries kept per head).
-CompressEntry = tuple[int, int, int, int]
+#: A row to compress: (batch row, scored length, start slot, entries kept per head, packed
+#: low-bit pages).
+CompressEntry = tuple[int, int, int, int, int]
 
 
 class RetentionViews:
@@ -186,9 +196,21 @@ class RetentionViews:
         self.skip_blocks = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self._skip_host = torch.zeros(max_rows, dtype=torch.int64, pin_memory=_pinned(device))
         self._columns: torch.Tensor | None = None
+        # Low-bit KV: per row, packed pages and the length the packed attention reads.
+        self.packed_pages: torch.Tensor | None = None
+        if settings.quantizes:
+            self.packed_pages = torch.zeros(max_rows, dtype=torch.int32, device=device)
+            self.packed_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+            self._packed_host = torch.zeros(max_rows, dtype=torch.int32,
+                                            pin_memory=_pinned(device))  # fmt: skip
 
-    def apply(self, common: CommonAttentionMetadata, starts: list[int]) -> CommonAttentionMetadata:
-        """``common`` with row ``i`` reading its cache from slot ``starts[i]`` on."""
+    def apply(
+        self, common: CommonAttentionMetadata, starts: list[int], packed: list[int]
+    ) -> tuple[CommonAttentionMetadata, PackedRows | None]:
+        """``common`` with row ``i`` reading its cache from slot ``starts[i]`` on, and, with
+        low-bit KV, the rows' packed pages (``packed[i]``): vLLM's attention then sees
+        one token of a packed row, whose output :func:`~vllm_fastkv.kv_quantization.
+        attend_packed` replaces."""
         table = common.block_table_tensor
         rows, width = table.shape
         seq_rows = common.seq_lens.shape[0]
@@ -214,7 +236,38 @@ class RetentionViews:
         else:
             out_table.copy_(table)
             out_lens.copy_(common.seq_lens)
-        return dataclasses.replace(common, block_table_tensor=out_table, seq_lens=out_lens)
+        shifted = dataclasses.replace(common, block_table_tensor=out_table, seq_lens=out_lens)
+        if self.packed_pages is None:
+            return shifted, None
+        return shifted, self._packed_rows(common, out_table, out_lens, packed)
+
+    def _packed_rows(
+        self,
+        common: CommonAttentionMetadata,
+        table: torch.Tensor,
+        lens: torch.Tensor,
+        packed: list[int],
+    ) -> PackedRows:
+        """Fill the packed-row buffers (every step, so captured graphs see current values)
+        and cut packed rows to one token in ``lens``, which vLLM's attention reads."""
+        seq_rows = lens.shape[0]
+        if any(packed):
+            query_start = common.query_start_loc_cpu.tolist()
+            for row, pages in enumerate(packed):
+                if pages and query_start[row + 1] - query_start[row] != 1:
+                    raise RuntimeError(
+                        f"FastKV: batch row {row} has packed KV but "
+                        f"{query_start[row + 1] - query_start[row]} queries (decode only)"
+                    )
+        host = self._packed_host[:seq_rows]
+        host.zero_()
+        host[: len(packed)] = torch.tensor(packed, dtype=torch.int32)
+        pages = self.packed_pages[:seq_rows]
+        pages.copy_(host, non_blocking=True)
+        packed_lens = self.packed_lens[:seq_rows]
+        packed_lens.copy_(lens)
+        lens.masked_fill_(pages > 0, 1)
+        return PackedRows(pages, packed_lens, table, common.query_start_loc, self.settings)
 
     def compression_batch(
         self, common: CommonAttentionMetadata, entries: list[CompressEntry], step: StepRows
@@ -222,7 +275,7 @@ class RetentionViews:
         """The rows of ``common`` to compress in this step, with ``common``'s block tables."""
         if not entries:
             return None
-        rows, scored, starts, kept = (list(column) for column in zip(*entries))
+        rows, scored, starts, kept, pages = (list(column) for column in zip(*entries))
         ends = common.query_start_loc_cpu[torch.tensor(rows) + 1].to(torch.int64)
         index = torch.tensor(rows, device=self.device)
         return CompressionBatch(
@@ -233,7 +286,10 @@ class RetentionViews:
             scored_lens_host=scored,
             budgets=kept,
             starts=torch.tensor(starts, device=self.device),
+            starts_host=starts,
+            packed_pages=pages,
             timer=step.timer,
+            settings=self.settings,
             window=self.settings.window,
             pool_kernel=self.settings.pool_kernel,
             pooling=self.settings.pooling,
@@ -279,12 +335,15 @@ class RetentionMetadataBuilderMixin:
         batch = None
         if step is not None:
             # Compressing rows start at slot 0 in this step: no shift to account for.
-            entries = [(row, r.prompt_len, r.start, r.kept) for row, r in step.compress_rows]
+            entries = [(row, r.prompt_len, r.start, r.kept, r.packed_pages)
+                       for row, r in step.compress_rows]  # fmt: skip
             batch = views.compression_batch(common_attn_metadata, entries, step)
-        shifted = views.apply(common_attn_metadata, step.starts if step is not None else [])
+        shifted, packed = views.apply(common_attn_metadata, step.starts if step else [],
+                                      step.packed if step else [])  # fmt: skip
         # Cascade attention assumes one shared, unshifted prefix: never with retention.
         metadata = super().build(0, shifted, fast_build, **kwargs)
         setattr(metadata, COMPRESSION_ATTR, batch)
+        setattr(metadata, PACKED_ATTR, packed)
         if step is not None and step.plan.shortens and self.fastkv_late_views is not None:
             setattr(metadata, PROPAGATION_ATTR, self._build_late(common_attn_metadata, step))
         return metadata
@@ -293,12 +352,13 @@ class RetentionMetadataBuilderMixin:
         """Metadata of the shortened batch that layers after ``tsp_layer`` run over."""
         views = self.fastkv_late_views
         layout = late_layout(common, step, views.block_size)
-        shifted = views.apply(layout.common, layout.starts)
+        shifted, packed = views.apply(layout.common, layout.starts, layout.packed)
         # fast_build: FA3's ahead-of-time schedule lives in a buffer shared with the
         # step's own metadata, which layers 0..tsp_layer use.
         metadata = super().build(0, shifted, True)
         setattr(metadata, COMPRESSION_ATTR,
                 views.compression_batch(shifted, layout.compress, step))
+        setattr(metadata, PACKED_ATTR, packed)
         return LateBatch(
             metadata=metadata,
             slot_mapping=layout.common.slot_mapping,

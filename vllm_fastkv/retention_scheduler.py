@@ -15,6 +15,8 @@ scheduling) with three additions, installed by the plugin through
   vLLM's null block and returned to the pool, exactly as vLLM's sliding-window manager
   frees out-of-window blocks, so the scheduler admits more requests by its ordinary
   free-block count;
+* low-bit KV: a compressed prompt's kept slots folded into packed pages free all but the
+  first block of every page too;
 * token-selective propagation: which completing prompts continue past ``tsp_layer`` with
   their selected tokens only, and, for prompts prefilled in several chunks, a span of the
   workers' propagation buffer that holds the earlier chunks' hidden states (decided at
@@ -35,6 +37,7 @@ from vllm.v1.request import Request
 
 from vllm_fastkv.config import FastKVConfigError
 from vllm_fastkv.engine_config import engine_fastkv_config
+from vllm_fastkv.kv_quantization import engine_layout
 from vllm_fastkv.retention import (
     STEP_PLAN_ATTR,
     PromptRetention,
@@ -88,6 +91,14 @@ class _RetentionSchedulerMixin(Scheduler):
                 f"full attention in one KV cache group (got {len(groups)} groups)"
             )
         self.fastkv_block_size = groups[0].kv_cache_spec.block_size
+        # Slots per packed low-bit page (0: KV is not packed); checked here, where the
+        # cache's exact page format is known, so a format that cannot pack stops start-up.
+        self.fastkv_page_tokens = 0
+        self.fastkv_blocks_per_page = 1
+        if self.fastkv.quantizes:
+            layout = engine_layout(groups[0].kv_cache_spec, self.fastkv)
+            self.fastkv_page_tokens = layout.page_tokens
+            self.fastkv_blocks_per_page = layout.blocks_per_page
         # The observation window must arrive whole in the prompt's final step; a
         # one-token final chunk would also look like a decode step to the runners.
         self.fastkv_min_final_chunk = max(self.fastkv.window, 2)
@@ -134,6 +145,8 @@ class _RetentionSchedulerMixin(Scheduler):
             retained = self.fastkv_retained.get(req_id)
             if retained is not None:
                 plan.starts[req_id] = retained.start
+                if retained.packed_pages:
+                    plan.packed[req_id] = retained.packed_pages
                 continue
             request = self.requests[req_id]
             computed = request.num_computed_tokens
@@ -158,9 +171,14 @@ class _RetentionSchedulerMixin(Scheduler):
                 logger.debug("FastKV: request %s keeps its full KV (short final chunk)", req_id)
                 continue
             settings = self._request_settings(request)
-            retained = plan_retention(settings, prompt_len, self.fastkv_block_size)
+            retained = plan_retention(settings, prompt_len, self.fastkv_block_size,
+                                      self.fastkv_page_tokens)  # fmt: skip
             if retained is None:
                 continue
+            if retained.packed_pages and request.num_tokens > prompt_len:
+                # A preempted request recomputing its generated tokens: more multi-token
+                # chunks follow, and packed rows attend one query at a time.
+                retained = dataclasses.replace(retained, packed_pages=0)
             plan.compress[req_id] = retained
             self.fastkv_retained[req_id] = retained
             propagation = plan_propagation(settings, retained, self.fastkv_block_size)
@@ -221,15 +239,23 @@ class _RetentionSchedulerMixin(Scheduler):
                 # The request may have finished or been preempted (its blocks are gone)
                 # since this step was scheduled.
                 if self.fastkv_retained.get(req_id) is retained:
-                    self._free_leading_blocks(req_id, retained)
+                    self._free_dead_blocks(req_id, retained)
             self.fastkv_stats.maybe_log()
         return outputs
 
-    def _free_leading_blocks(self, req_id: str, retained: PromptRetention) -> None:
-        num_blocks = retained.start // self.fastkv_block_size
+    def _free_dead_blocks(self, req_id: str, retained: PromptRetention) -> None:
+        """Return the blocks before ``start`` and, of every packed page, all blocks but
+        its first to the pool."""
+        first = retained.start // self.fastkv_block_size
+        per_page = self.fastkv_blocks_per_page
+        ranges = [(0, first)] + [
+            (first + k * per_page + 1, first + (k + 1) * per_page)
+            for k in range(retained.packed_pages)
+        ]
         free_before = self.kv_cache_manager.block_pool.get_num_free_blocks()
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
-            manager._remove_blocks_in_range(req_id, 0, num_blocks)
+            for begin, end in ranges:
+                manager._remove_blocks_in_range(req_id, begin, end)
         freed = self.kv_cache_manager.block_pool.get_num_free_blocks() - free_before
         self.fastkv_stats.observe_compression(retained.prompt_len, retained.kept, freed)
 

@@ -63,6 +63,7 @@ def main() -> None:
                 kept_tokens=stats.kept_tokens,
                 freed_blocks=stats.freed_blocks,
                 block_size=scheduler.fastkv_block_size,
+                blocks_per_page=scheduler.fastkv_blocks_per_page,
                 propagated_prompts=stats.propagated,
                 buffer_tokens_in_use=scheduler.fastkv_buffer.used,
             )

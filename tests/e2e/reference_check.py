@@ -24,7 +24,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from vllm_fastkv.config import FastKVConfig
-from vllm_fastkv.reference import fastkv_prefill, forced_decode_logits, greedy_decode
+from vllm_fastkv.kernels.lowbit_layout import LowBitLayout
+from vllm_fastkv.reference import (
+    fastkv_prefill,
+    forced_decode_logits,
+    greedy_decode,
+    quantize_retained,
+)
 from vllm_fastkv.retention import plan_propagation, plan_retention
 
 BLOCK = 16
@@ -59,6 +65,18 @@ def kept_entries(settings: dict, prompt_len: int) -> int:
     return prompt_len if plan is None else plan.kept
 
 
+def packed_layout(model_config, settings: dict) -> LowBitLayout:
+    """The packed page layout vLLM uses for a model (its HF config) at ``settings``; the
+    cache dtype is the engine's."""
+    config = FastKVConfig.validated(settings)
+    head_dim = getattr(model_config, "head_dim", None) or (
+        model_config.hidden_size // model_config.num_attention_heads
+    )
+    cache = torch.empty(1, BLOCK, model_config.num_key_value_heads, head_dim,
+                        dtype=getattr(torch, ENGINE["dtype"]))  # fmt: skip
+    return LowBitLayout.for_cache(cache, config.kv_bits, config.kv_group_size)
+
+
 def load(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
@@ -69,12 +87,19 @@ def prefill(model, ids: list[int], settings: dict):
     prompt_len = len(ids)
     retained = plan_retention(config, prompt_len, BLOCK)
     propagation = plan_propagation(config, retained, BLOCK)
-    return fastkv_prefill(
+    result = fastkv_prefill(
         model, ids, policy="recency" if config.selection == "recency" else "fastkv",
         mode="constant", max_capacity_prompt=kept_entries(settings, prompt_len),
         tsp_layer=config.tsp_layer, tsp_rate=config.tsp_rate if propagation else 1.0,
         tsp_len=propagation.count if propagation else prompt_len,
         window=config.window, pool_kernel=config.pool_kernel, pooling=config.pooling,
+    )  # fmt: skip
+    if not config.quantizes or retained is None:
+        return result
+    layout = packed_layout(model.config, settings)
+    return quantize_retained(
+        result, bits=config.kv_bits, value_group=layout.value_group,
+        residual=config.kv_residual, block_size=BLOCK, page_tokens=layout.page_tokens,
     )  # fmt: skip
 
 

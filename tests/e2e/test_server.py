@@ -76,6 +76,8 @@ def test_chat_completion_and_stream(client: OpenAI):
         (["--additional-config", '{"fastkv": {"tsp_ratio": 0.2}}'], {}, "fastkv.tsp_ratio"),
         ([], {"VLLM_FASTKV_POOLING": "median"}, "fastkv.pooling"),
         ([], {"VLLM_FASTKV_WINDOWS": "8"}, "VLLM_FASTKV_WINDOWS"),
+        (["--additional-config", '{"fastkv": {"kv_bits": 2, "retain_rate": 1.0}}'], {},
+         "fastkv.kv_bits"),
     ],
     ids=[
         "rate-above-1",
@@ -84,6 +86,7 @@ def test_chat_completion_and_stream(client: OpenAI):
         "unknown-key",
         "bad-env",
         "unknown-env",
+        "low-bit-without-retention",
     ],
 )
 def test_bad_config_stops_startup(tiny_llama: Path, extra_args, env, field):

@@ -3,6 +3,8 @@
 * :mod:`~vllm_fastkv.reference.scoring`: scoring and selection math on dense tensors.
 * :mod:`~vllm_fastkv.reference.fastkv`: layer-by-layer prefill with KV retention and
   token-selective propagation, plus greedy decoding, over HF transformers models.
+* :mod:`~vllm_fastkv.reference.lowbit`: low-bit storage of the retained KV (packed KV's
+  oracle).
 * :mod:`~vllm_fastkv.reference.tasks`: seeded long-context retrieval tasks and scoring.
 
 Importing this package needs torch only; transformers models are passed in.
@@ -18,6 +20,7 @@ from vllm_fastkv.reference.fastkv import (
     greedy_decode,
     resolve_tsp_layer,
 )
+from vllm_fastkv.reference.lowbit import quantize_retained
 
 __all__ = [
     "LayerKV",
@@ -27,5 +30,6 @@ __all__ = [
     "forced_decode_logits",
     "generate",
     "greedy_decode",
+    "quantize_retained",
     "resolve_tsp_layer",
 ]

@@ -1,0 +1,125 @@
+"""Low-bit KV inside vLLM: pack retained prompt KV into pages, attend over packed rows.
+
+With ``kv_bits`` 4 or 2, the step that compresses a prompt also folds its kept slots, in
+every layer right after compaction, into packed pages (:func:`pack_prompt_pages`); the
+scheduler then returns all but the first block of every page to vLLM's pool
+(:mod:`vllm_fastkv.retention_scheduler`), so the freed memory is counted by vLLM's own
+free-block accounting and admits more requests. In later steps the metadata builder cuts
+a packed row's length to one token for vLLM's attention, which then costs almost nothing
+for it, and :func:`attend_packed` computes that row's attention over its packed pages
+and full-precision blocks and writes it over the output. Packed rows are decode rows
+(one query): packing happens when the prompt is complete, and a preempted request is
+recomputed from scratch.
+
+On CUDA the Triton kernels run; on CPUs their torch references. Layout and arithmetic:
+:mod:`vllm_fastkv.kernels.lowbit_layout`, :mod:`vllm_fastkv.kernels.quantization`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm_fastkv import kernels
+from vllm_fastkv.config import FastKVConfig, FastKVConfigError
+from vllm_fastkv.kernels.lowbit_layout import LowBitLayout
+from vllm_fastkv.kernels.quantization import check_kernel_layout
+
+#: Attribute of a built attention metadata object holding its :class:`PackedRows`.
+PACKED_ATTR = "fastkv_packed"
+
+
+@dataclass
+class PackedRows:
+    """A step's rows as packed-KV attention reads them (persistent buffers, all rows).
+
+    ``pages[i]``: packed pages at the front of row ``i``'s shifted block table (0: the row
+    has none and keeps vLLM's attention output); ``seq_lens[i]``: the tokens the row
+    attends to from its start slot on.
+    """
+
+    pages: torch.Tensor  # int32 [rows]
+    seq_lens: torch.Tensor  # int32 [rows]
+    block_table: torch.Tensor  # int32 [rows, max_blocks], shifted
+    query_start_loc: torch.Tensor  # int32 [rows + 1]
+    settings: FastKVConfig
+
+
+def engine_layout(kv_cache_spec: Any, settings: FastKVConfig) -> LowBitLayout:
+    """The packed layout of an engine's pages, from its KV cache spec; a format that
+    cannot be packed is a start-up error naming ``kv_bits``."""
+    try:
+        layout = LowBitLayout(
+            bits=settings.kv_bits,
+            block_size=kv_cache_spec.block_size,
+            num_kv_heads=kv_cache_spec.num_kv_heads,
+            head_dim=kv_cache_spec.head_size,
+            value_group=min(settings.kv_group_size, kv_cache_spec.head_size),
+            page_bytes=kv_cache_spec.page_size_bytes,
+        )
+        check_kernel_layout(layout)
+    except ValueError as exc:
+        raise FastKVConfigError(
+            f"Invalid FastKV setting fastkv.kv_bits={settings.kv_bits}: {exc}"
+        ) from None
+    return layout
+
+
+def layer_layout(key_cache: torch.Tensor, settings: FastKVConfig) -> LowBitLayout:
+    """The packed layout of one layer's pages (its K view ``[blocks, block, heads, dim]``)."""
+    return LowBitLayout.for_cache(key_cache, settings.kv_bits, settings.kv_group_size)
+
+
+def pack_prompt_pages(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    starts: list[int],
+    pages: list[int],
+    settings: FastKVConfig,
+) -> None:
+    """Pack ``pages[i]`` pages of row ``i`` of ``block_tables``, from slot ``starts[i]`` on.
+
+    Page ``k`` of a row folds its blocks ``starts[i] / block_size + k * R + (0 .. R-1)``
+    into the first of them. The block ids are gathered on the device, so no sync.
+    """
+    layout = layer_layout(key_cache, settings)
+    per_page = layout.blocks_per_page
+    rows, columns = [], []
+    for i, (start, count) in enumerate(zip(starts, pages)):
+        first = start // layout.block_size
+        for column in range(first, first + count * per_page):
+            rows.append(i)
+            columns.append(column)
+    if not rows:
+        return
+    device = block_tables.device
+    src = block_tables[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
+    src = src.view(-1, per_page)
+    pack = kernels.pack_kv if key_cache.is_cuda else kernels.pack_kv_ref
+    pack(key_cache, value_cache, src, layout)
+
+
+def attend_packed(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    rows: PackedRows,
+    output: torch.Tensor,
+    *,
+    scale: float,
+) -> None:
+    """Overwrite the output of every row with packed pages by its attention over them.
+
+    On CUDA the kernel is launched for every step, packed rows or not, so decode steps
+    captured in CUDA graphs replay it; rows without pages return at once.
+    """
+    decode = kernels.packed_decode_attention if key_cache.is_cuda else (
+        kernels.packed_decode_attention_ref
+    )  # fmt: skip
+    decode(
+        query, key_cache, value_cache, rows.block_table, rows.query_start_loc, rows.seq_lens,
+        rows.pages, output, scale=scale, layout=layer_layout(key_cache, rows.settings),
+    )  # fmt: skip
