@@ -6,6 +6,10 @@ run on one machine, and writes one JSON record per measurement.
 
     python benchmarks/serve_bench.py --backends FLASH_ATTN FASTKV \
         --fastkv '{"retain_rate": 0.1, "tsp_rate": 0.2}' --out results.json
+    # or any list of configurations, e.g. stock bf16 and fp8 KV against FASTKV at 2 bits:
+    python benchmarks/serve_bench.py --runs '[{"backend": "FLASH_ATTN"},
+        {"backend": "FLASH_ATTN", "kv_cache_dtype": "fp8"},
+        {"backend": "FASTKV", "fastkv": {"retain_rate": 0.1, "kv_bits": 2}}]'
 
 Method (wall clock around ``LLM.generate``, after a warm-up; fresh random token-id
 prompts for every measurement, so prefix caching never hides prefill):
@@ -152,6 +156,7 @@ def run_worker(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.backend,
+        kv_cache_dtype=args.kv_cache_dtype,
         seed=0,
     )
     if args.backend == "FASTKV":
@@ -170,6 +175,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "device": current_platform.get_device_name(),
         "git_commit": args.git_commit,
         "backend": args.backend,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "fastkv": json.loads(args.fastkv) if args.backend == "FASTKV" else None,
         "model": f"{args.shape}-shape-dummy",
         "kv_cache_blocks": watcher.total,
@@ -206,7 +212,7 @@ def run_worker(args: argparse.Namespace) -> None:
         per_request_blocks = -(-(prompt_len + 1 + n) // block_size)
         # After prefill a compressed request holds fewer blocks; admission still needs
         # the whole prompt's blocks while it prefills, so the pool check stays on those.
-        held_blocks = per_request_blocks - _freed_blocks(args, prompt_len, block_size)
+        held_blocks = per_request_blocks - _freed_blocks(llm, args, prompt_len, block_size)
         for batch in args.batches:
             t_prefill = _timed(llm, _prompts(rng, batch, prompt_len, vocab), 1)
             watcher.reset()
@@ -270,15 +276,22 @@ def profile_prefill(llm, prompts, top: int = 25) -> dict:
     }
 
 
-def _freed_blocks(args: argparse.Namespace, prompt_len: int, block_size: int) -> int:
-    """Blocks KV retention returns per request after prefill (0 for other backends)."""
+def _freed_blocks(llm, args: argparse.Namespace, prompt_len: int, block_size: int) -> int:
+    """Blocks KV retention (and low-bit packing) returns per request after prefill, by the
+    engine's own plan (0 for other backends)."""
     if args.backend != "FASTKV":
         return 0
     from vllm_fastkv.config import FastKVConfig
     from vllm_fastkv.retention import plan_retention
 
-    plan = plan_retention(FastKVConfig.validated(json.loads(args.fastkv)), prompt_len, block_size)
-    return 0 if plan is None else plan.start // block_size
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    page_tokens = getattr(scheduler, "fastkv_page_tokens", 0)
+    settings = FastKVConfig.validated(json.loads(args.fastkv))
+    plan = plan_retention(settings, prompt_len, block_size, page_tokens)
+    if plan is None:
+        return 0
+    per_page = getattr(scheduler, "fastkv_blocks_per_page", 1)
+    return plan.start // block_size + plan.packed_pages * (per_page - 1)
 
 
 def measure_concurrency(llm, prompts, max_tokens: int, stall_steps: int) -> dict:
@@ -328,11 +341,21 @@ def measure_concurrency(llm, prompts, max_tokens: int, stall_steps: int) -> dict
 
 
 # --------------------------------------------------------------------------- driver
+def _runs(args: argparse.Namespace) -> list[dict]:
+    """The configurations to measure: ``--runs``, or one per ``--backends`` entry."""
+    if args.runs:
+        return json.loads(args.runs)
+    return [{"backend": backend} for backend in args.backends]
+
+
 def run_driver(args: argparse.Namespace) -> None:
     records = []
     out = Path(args.out)
-    for backend in args.backends:
-        cmd = [sys.executable, __file__, "--worker", "--backend", backend]
+    for run in _runs(args):
+        backend = run["backend"]
+        cmd = [sys.executable, __file__, "--worker", "--backend", backend,
+               "--fastkv", json.dumps(run.get("fastkv", json.loads(args.fastkv))),
+               "--kv-cache-dtype", run.get("kv_cache_dtype", args.kv_cache_dtype)]  # fmt: skip
         for key in (
             "shape",
             "model_dir",
@@ -340,7 +363,6 @@ def run_driver(args: argparse.Namespace) -> None:
             "gpu_memory_utilization",
             "reps",
             "decode_tokens",
-            "fastkv",
             "git_commit",
             "concurrency_requests",
             "concurrency_max_tokens",
@@ -352,7 +374,7 @@ def run_driver(args: argparse.Namespace) -> None:
             if values:
                 cmd += [f"--{key.replace('_', '-')}", *map(str, values)]
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-        print(f"== {backend}: {' '.join(cmd)}", flush=True)
+        print(f"== {_label(run)}: {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
@@ -366,25 +388,34 @@ def run_driver(args: argparse.Namespace) -> None:
             elif args.verbose or "Error" in line or "error" in line:
                 print(line, end="", flush=True)
         if proc.wait() != 0:
-            print(f"== {backend} worker exited with {proc.returncode}", flush=True)
+            print(f"== {_label(run)} worker exited with {proc.returncode}", flush=True)
     _print_table(records)
+
+
+def _label(record: dict) -> str:
+    """Backend, plus the KV cache dtype and FastKV bits where they are not the default."""
+    label = record["backend"]
+    if record.get("kv_cache_dtype", "auto") != "auto":
+        label += f"/{record['kv_cache_dtype']}"
+    bits = (record.get("fastkv") or {}).get("kv_bits", 16)
+    return label + (f"/{bits}bit" if bits < 16 else "")
 
 
 def _print_table(records: list[dict]) -> None:
     print(
-        f"{'backend':<11} {'kind':<6} {'prompt':>7} {'batch':>5} {'ttft_ms':>9} "
+        f"{'run':<17} {'kind':<6} {'prompt':>7} {'batch':>5} {'ttft_ms':>9} "
         f"{'tpot_ms':>8} {'tok/s':>8} {'peak_blk':>8} {'max_conc':>8} {'decoding':>8}"
     )
     for r in records:
         print(
-            f"{r['backend']:<11} {r['kind']:<6} {r['prompt_len']:>7} {r['batch']:>5} "
+            f"{_label(r):<17} {r['kind']:<6} {r['prompt_len']:>7} {r['batch']:>5} "
             f"{r.get('ttft_ms', ''):>9} {r.get('tpot_ms', r.get('skipped', '')):>8} "
             f"{r.get('output_tok_s', ''):>8} {r.get('peak_kv_blocks', ''):>8} "
             f"{r.get('max_concurrent', ''):>8} {r.get('peak_decoding', ''):>8}"
         )
     for r in records:
         if r["kind"] == "profile":
-            print(f"profile {r['backend']} {r['prompt_len']}: wall {r['wall_ms']} ms, "
+            print(f"profile {_label(r)} {r['prompt_len']}: wall {r['wall_ms']} ms, "
                   f"GPU busy {r['gpu_busy_ms']} ms of a {r['gpu_span_ms']} ms span")
             for k in r["kernels"][:15]:
                 print(f"  {k['ms']:>10.3f} ms {k['count']:>6}x  {k['name'][:90]}")
@@ -395,6 +426,12 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="FASTKV")
     parser.add_argument("--backends", nargs="+", default=["FLASH_ATTN", "FASTKV"])
+    parser.add_argument(
+        "--runs",
+        help="JSON list of configurations ({backend, fastkv?, kv_cache_dtype?}); overrides "
+        "--backends",
+    )
+    parser.add_argument("--kv-cache-dtype", default="auto", help="vLLM's --kv-cache-dtype")
     parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     parser.add_argument("--model-dir", default="/tmp/fastkv-bench-models")
     parser.add_argument("--max-model-len", type=int, default=131072)

@@ -32,7 +32,8 @@ CHART_TO_CONFIG = {  # values.yaml fastkv keys -> FastKVConfig fields
     "enabled": "enabled", "tspLayer": "tsp_layer", "tspRate": "tsp_rate",
     "retainRate": "retain_rate", "window": "window", "poolKernel": "pool_kernel",
     "pooling": "pooling", "mode": "mode", "maxCapacityPrompt": "max_capacity_prompt",
-    "tspLen": "tsp_len", "tspBufferTokens": "tsp_buffer_tokens", "selection": "selection",
+    "tspLen": "tsp_len", "tspBufferTokens": "tsp_buffer_tokens", "kvBits": "kv_bits",
+    "kvGroupSize": "kv_group_size", "kvResidual": "kv_residual", "selection": "selection",
 }
 #: Knobs whose empty value means "derived from the model" (the plugin's None).
 UNSET_MEANS_AUTO = ("tspLayer", "tspBufferTokens")
@@ -178,7 +179,8 @@ def test_chart_defaults_are_the_papers(chart: helm.Chart):
     assert defaults == {
         "enabled": True, "tspLayer": "", "tspRate": 0.2, "retainRate": 0.1, "window": 8,
         "poolKernel": 7, "pooling": "avg", "mode": "proportional", "maxCapacityPrompt": 512,
-        "tspLen": 2048, "tspBufferTokens": "", "selection": "scored",
+        "tspLen": 2048, "tspBufferTokens": "", "kvBits": 16, "kvGroupSize": 32,
+        "kvResidual": 128, "selection": "scored",
     }
     config = FastKVConfig()
     for key, field in CHART_TO_CONFIG.items():

@@ -80,6 +80,12 @@ tspLayer is left out when empty so the plugin picks the model's middle layer.
 - name: VLLM_FASTKV_TSP_BUFFER_TOKENS
   value: {{ $f.tspBufferTokens | quote }}
 {{- end }}
+- name: VLLM_FASTKV_KV_BITS
+  value: {{ $f.kvBits | quote }}
+- name: VLLM_FASTKV_KV_GROUP_SIZE
+  value: {{ $f.kvGroupSize | quote }}
+- name: VLLM_FASTKV_KV_RESIDUAL
+  value: {{ $f.kvResidual | quote }}
 - name: VLLM_FASTKV_SELECTION
   value: {{ $f.selection | quote }}
 {{- end }}
