@@ -12,7 +12,7 @@ and full-precision blocks and writes it over the output. Packed rows are decode 
 recomputed from scratch.
 
 On CUDA the Triton kernels run; on CPUs their torch references. Layout and arithmetic:
-:mod:`vllm_fastkv.kernels.lowbit_layout`, :mod:`vllm_fastkv.kernels.quantization`.
+:mod:`vllm_fastkv.packed_layout`, :mod:`vllm_fastkv.kernels.quantization`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 
 from vllm_fastkv import kernels
 from vllm_fastkv.config import FastKVConfig, FastKVConfigError
-from vllm_fastkv.kernels.lowbit_layout import LowBitLayout
 from vllm_fastkv.kernels.quantization import check_kernel_layout
+from vllm_fastkv.packed_layout import LowBitLayout
 
 #: Attribute of a built attention metadata object holding its :class:`PackedRows`.
 PACKED_ATTR = "fastkv_packed"

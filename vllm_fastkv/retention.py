@@ -15,7 +15,7 @@ Low-bit KV (``kv_bits`` 4 or 2) then folds the kept slots into packed pages: fro
 on, every ``R`` consecutive blocks (``page_tokens = R * block_size`` slots) whose slots all
 lie before the last ``kv_residual`` prompt tokens become one page, quantised into the
 first block of the ``R``; the other ``R - 1`` blocks go back to the pool too. ``R`` comes
-from the page layout (:mod:`vllm_fastkv.kernels.lowbit_layout`), passed in as
+from the page layout (:mod:`vllm_fastkv.packed_layout`), passed in as
 ``page_tokens``.
 
 Nothing here imports torch or vLLM.

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from vllm_fastkv.config import FastKVConfig
-from vllm_fastkv.kernels.lowbit_layout import LowBitLayout
+from vllm_fastkv.packed_layout import LowBitLayout
 from vllm_fastkv.reference import (
     fastkv_prefill,
     forced_decode_logits,

@@ -19,8 +19,8 @@ from vllm_fastkv.kernels import (
     packed_decode_attention_ref,
     unpack_pages_ref,
 )
-from vllm_fastkv.kernels.lowbit_layout import LowBitLayout, page_views
-from vllm_fastkv.kernels.reference import dequantize_groups_ref, quantize_groups_ref
+from vllm_fastkv.packed_layout import LowBitLayout, page_views
+from vllm_fastkv.reference.quantization import dequantize_groups_ref, quantize_groups_ref
 
 # Relative error of attention outputs by cache dtype (fp32 products vs bf16/fp16 dots).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -207,7 +207,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vllm_fastkv.kernels import packed_attention, quantization
-from vllm_fastkv.kernels.lowbit_layout import LowBitLayout
+from vllm_fastkv.packed_layout import LowBitLayout
 
 bits = int(sys.argv[1])
 layout = LowBitLayout.for_cache(torch.empty(1, 16, 8, 128, dtype=torch.bfloat16), bits, 32)

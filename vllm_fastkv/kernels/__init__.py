@@ -8,7 +8,7 @@
   per-sequence start (Triton); KV retention packs them against the end of the prompt so
   the leading blocks can be freed.
 * :func:`pack_kv`: quantises groups of full-precision blocks to 2/4 bits into one page
-  each (Triton; layout in :mod:`vllm_fastkv.kernels.lowbit_layout`), and
+  each (Triton; layout in :mod:`vllm_fastkv.packed_layout`), and
   :func:`packed_decode_attention` decodes over such pages plus full-precision blocks.
 
 Each has a plain-torch oracle with the same signature in

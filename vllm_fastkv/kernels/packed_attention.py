@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_fastkv.kernels.lowbit_layout import LowBitLayout, page_views
 from vllm_fastkv.kernels.quantization import check_kernel_layout
+from vllm_fastkv.packed_layout import LowBitLayout, page_views
 
 # tl.dot needs at least 16 rows; a KV head's query group is padded to this.
 _MIN_DOT_ROWS = 16

@@ -3,14 +3,15 @@
 :func:`pack_kv` quantises groups of ``R`` full-precision blocks (keys per channel over a
 block's tokens, values per token over channel groups; asymmetric, fp16 scale and
 minimum) into the page of each group's first block, in the layout of
-:mod:`vllm_fastkv.kernels.lowbit_layout`. The other ``R - 1`` blocks are then free.
+:mod:`vllm_fastkv.packed_layout`. The other ``R - 1`` blocks are then free.
 
 Why two steps: a group's page is also its first source block, and programs of one
 launch run in no particular order, so launch 1 only reads the cache and writes each
 group's packed page to a scratch buffer, and a copy into the pages follows on the same
 stream (every read is done before any page is written).
 
-Arithmetic is that of :func:`vllm_fastkv.kernels.reference.pack_kv_ref`, bit for bit: fp32
+Arithmetic is that of :func:`vllm_fastkv.reference.quantization.quantize_groups_ref`
+(and :func:`vllm_fastkv.kernels.reference.pack_kv_ref`), bit for bit: fp32
 minimum and maximum, IEEE division (``tl.div_rn``), round half up, fp16 scales; codes are
 combined into words as unsigned integers (disjoint bit fields, so a sum is an OR).
 """
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_fastkv.kernels.lowbit_layout import LowBitLayout, page_views
+from vllm_fastkv.packed_layout import LowBitLayout, page_views
 
 _FP16_MAX = tl.constexpr(65504.0)
 

@@ -23,6 +23,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from vllm_fastkv.packed_layout import LowBitLayout, page_views
+from vllm_fastkv.reference.quantization import dequantize_groups_ref, quantize_groups_ref
+
 Pooling = Literal["avg", "max"]
 
 
@@ -222,39 +225,10 @@ def compact_kv_ref(
 
 
 # ------------------------------------------------------------------ low-bit KV
-# The packed page layout is vllm_fastkv.kernels.lowbit_layout's. These oracles quantise
-# and dequantise with the same fp32 arithmetic as the Triton kernels (IEEE division,
-# round half up, fp16 scales), so codes and scales match bit for bit.
-
-
-def quantize_groups_ref(
-    x: torch.Tensor, bits: int, dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric quantisation of ``x`` in groups along ``dim``.
-
-    Returns ``(codes, scale, minimum)``: int32 codes in ``[0, 2^bits)`` shaped like ``x``,
-    and fp16 ``scale = (max - min) / (2^bits - 1)`` and ``min`` with ``dim`` reduced (kept
-    as size 1). Both are clamped to the fp16 range before rounding to it; a group whose
-    fp16 scale is 0 (constant, or too narrow for fp16) gets codes 0.
-    """
-    levels = 2**bits - 1
-    x = x.float()
-    fp16_max = torch.finfo(torch.float16).max
-    low = x.amin(dim=dim, keepdim=True)
-    high = x.amax(dim=dim, keepdim=True)
-    scale = ((high - low) / levels).clamp(max=fp16_max).half()
-    minimum = low.clamp(-fp16_max, fp16_max).half()
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-    codes = torch.floor((x - minimum.float()) / safe + 0.5).clamp(0, levels)
-    codes = torch.where(scale == 0, torch.zeros_like(codes), codes)
-    return codes.to(torch.int32), scale, minimum
-
-
-def dequantize_groups_ref(
-    codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
-) -> torch.Tensor:
-    """fp32 ``codes * scale + min`` (the inverse of :func:`quantize_groups_ref`)."""
-    return codes.float() * scale.float() + minimum.float()
+# The packed page layout is vllm_fastkv.packed_layout's. These oracles quantise and
+# dequantise with vllm_fastkv.reference.quantization's group arithmetic, which the Triton
+# kernels follow (IEEE division, round half up, fp16 scales), so codes and scales match
+# bit for bit.
 
 
 def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -275,7 +249,9 @@ def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*words.shape[:-1], -1)
 
 
-def _head_region(layout, words: torch.Tensor, halves: torch.Tensor, page: int, r: int, h: int):
+def _head_region(
+    layout: LowBitLayout, words: torch.Tensor, halves: torch.Tensor, page: int, r: int, h: int
+) -> tuple[torch.Tensor, ...]:
     """Views of (sub-block ``r``, head ``h``)'s regions in ``page``: key codes
     ``[dim, key_words]``, value codes ``[block, value_words]``, key scale/min ``[dim]``,
     value scale/min ``[block, groups]``."""
@@ -299,7 +275,7 @@ def pack_kv_ref(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     src_blocks: torch.Tensor,
-    layout,
+    layout: LowBitLayout,
 ) -> None:
     """In place: the ``R`` full-precision blocks ``src_blocks[g]`` (``[n, R]``, in logical
     order) are quantised into the page of ``src_blocks[g, 0]``.
@@ -308,8 +284,6 @@ def pack_kv_ref(
     own sources (it always is: the first). Keys: per channel over each block's tokens;
     values: per token over ``layout.value_group`` channels.
     """
-    from vllm_fastkv.kernels.lowbit_layout import page_views
-
     words, halves = page_views(key_cache)
     groups = src_blocks.long().tolist()
     blocks = [
@@ -333,12 +307,10 @@ def pack_kv_ref(
 
 
 def unpack_pages_ref(
-    key_cache: torch.Tensor, pages: torch.Tensor, layout
+    key_cache: torch.Tensor, pages: torch.Tensor, layout: LowBitLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantised fp32 K and V ``[n, R * block_size, num_kv_heads, head_dim]`` of packed
     ``pages`` (``[n]`` block ids), tokens in logical order."""
-    from vllm_fastkv.kernels.lowbit_layout import page_views
-
     words, halves = page_views(key_cache)
     n, r_count = pages.numel(), layout.blocks_per_page
     shape = (n, r_count, layout.block_size, layout.num_kv_heads, layout.head_dim)
@@ -370,7 +342,7 @@ def packed_decode_attention_ref(
     output: torch.Tensor,
     *,
     scale: float,
-    layout,
+    layout: LowBitLayout,
 ) -> torch.Tensor:
     """Decode attention of rows whose first tokens are packed, into ``output``.
 

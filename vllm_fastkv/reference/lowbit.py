@@ -7,7 +7,7 @@ terms: the first ``n * page_tokens`` ranks, ``n = (B' - kv_residual) // page_tok
 :func:`quantize_retained` replaces exactly those entries by their dequantised values,
 grouped as the packed pages group them (keys: per channel over each cache block of
 ``block_size`` ranks; values: per rank over ``value_group`` channels), with the same
-arithmetic (:func:`vllm_fastkv.kernels.reference.quantize_groups_ref`). Decoding on the
+arithmetic (:func:`vllm_fastkv.reference.quantization.quantize_groups_ref`). Decoding on the
 result (:func:`vllm_fastkv.reference.greedy_decode`) is what the engine computes.
 """
 
@@ -17,8 +17,8 @@ import dataclasses
 
 import torch
 
-from vllm_fastkv.kernels.reference import dequantize_groups_ref, quantize_groups_ref
 from vllm_fastkv.reference.fastkv import PrefillResult
+from vllm_fastkv.reference.quantization import dequantize_groups_ref, quantize_groups_ref
 
 
 def quantize_retained(
