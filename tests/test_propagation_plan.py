@@ -187,19 +187,26 @@ def test_full_cudagraphs_are_refused():
 def test_views_of_packed_rows():
     """With low-bit KV, a packed decode row reads from its start slot like any compressed
     row; vLLM's attention sees one token of it and the packed attention the real length;
-    a packed row with several queries is refused (packed rows attend one query each)."""
+    a page packed in this step names its R blocks from the shifted table; a packed row
+    with several queries is refused (packed rows attend one query each)."""
+    from vllm_fastkv.packed_layout import LowBitLayout
     from vllm_fastkv.retention_metadata import RetentionViews
 
     settings = FastKVConfig.validated({"retain_rate": 0.25, "kv_bits": 2})
-    views = RetentionViews(settings, max_rows=4, block_size=BLOCK, device=torch.device("cpu"))
+    layout = LowBitLayout.for_cache(torch.empty(1, BLOCK, 2, 64), 2, 32)  # fp32: R = 9
+    per_page = layout.blocks_per_page
+    stage = torch.empty(4, layout.page_bytes // 4, dtype=torch.int32)
+    views = RetentionViews(settings, 4, BLOCK, torch.device("cpu"), layout, stage)
     common = _common([1, 1, 30], [300, 120, 30], blocks_per_row=20)
-    shifted, packed = views.apply(common, starts=[224, 96, 0], packed=[2, 0, 0])
+    shifted, packed = views.apply(common, starts=[32, 96, 0], packed=[1, 0, 0], pack=[(0, 0)])
     assert shifted.seq_lens.tolist() == [1, 120 - 96, 30]
-    assert packed.pages.tolist() == [2, 0, 0] and packed.seq_lens.tolist() == [76, 24, 30]
-    assert torch.equal(packed.block_table[0, :6], common.block_table_tensor[0, 14:20])
+    assert packed.pages.tolist() == [1, 0, 0] and packed.seq_lens.tolist() == [268, 24, 30]
+    assert torch.equal(packed.block_table[0, :6], common.block_table_tensor[0, 2:8])
+    assert packed.pack_count.tolist() == [1]
+    assert torch.equal(packed.pack_src[0], common.block_table_tensor[0, 2 : 2 + per_page])
     # Buffers are rewritten every step: a step without packed rows clears them.
-    _, packed = views.apply(common, starts=[224, 96, 0], packed=[])
-    assert packed.pages.tolist() == [0, 0, 0]
+    _, packed = views.apply(common, starts=[32, 96, 0], packed=[])
+    assert packed.pages.tolist() == [0, 0, 0] and packed.pack_count.tolist() == [0]
     with pytest.raises(RuntimeError, match="decode only"):
         views.apply(common, starts=[0, 0, 0], packed=[0, 0, 1])
     plain = RetentionViews(FastKVConfig.validated({"retain_rate": 0.25}), 4, BLOCK,

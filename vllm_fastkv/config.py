@@ -106,7 +106,7 @@ class FastKVConfig(BaseModel):
     kv_residual: int = Field(
         default=128,
         ge=0,
-        description="Low-bit KV: the last prompt tokens always kept in full precision.",
+        description="Low-bit KV: a request's last tokens always kept in full precision.",
     )
     selection: Literal["scored", "recency"] = Field(
         default="scored",

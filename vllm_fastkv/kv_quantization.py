@@ -6,7 +6,9 @@ scheduler then returns all but the first block of every page to vLLM's pool
 (:mod:`vllm_fastkv.retention_scheduler`), so the freed memory is counted by vLLM's own
 free-block accounting and admits more requests. In later steps the metadata builder cuts
 a packed row's length to one token for vLLM's attention, which then costs almost nothing
-for it, and :func:`attend_packed` computes that row's attention over its packed pages
+for it. As a decoding request grows by a page past ``kv_residual``, the scheduler asks
+for one more page: :func:`pack_decode_pages` packs it in every layer of that step. Then
+:func:`attend_packed` computes that row's attention over its packed pages
 and full-precision blocks and writes it over the output. Packed rows are decode rows
 (one query): packing happens when the prompt is complete, and a preempted request is
 recomputed from scratch.
@@ -45,6 +47,11 @@ class PackedRows:
     block_table: torch.Tensor  # int32 [rows, max_blocks], shifted
     query_start_loc: torch.Tensor  # int32 [rows + 1]
     settings: FastKVConfig
+    #: Decode rows' pages packed in this step, before attention: ``pack_count`` (int32
+    #: ``[1]``) groups of block ids in ``pack_src`` (``[max rows, R]``), through ``stage``.
+    pack_src: torch.Tensor
+    pack_count: torch.Tensor
+    stage: torch.Tensor
 
 
 def engine_layout(kv_cache_spec: Any, settings: FastKVConfig) -> LowBitLayout:
@@ -100,6 +107,20 @@ def pack_prompt_pages(
     src = src.view(-1, per_page)
     pack = kernels.pack_kv if key_cache.is_cuda else kernels.pack_kv_ref
     pack(key_cache, value_cache, src, layout)
+
+
+def pack_decode_pages(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, rows: PackedRows
+) -> None:
+    """Pack the pages the step's decode rows fill (none most steps). On CUDA the launches
+    take the count from the device, so captured decode graphs replay them as they are."""
+    layout = layer_layout(key_cache, rows.settings)
+    if key_cache.is_cuda:
+        kernels.pack_kv(key_cache, value_cache, rows.pack_src, layout,
+                        num_groups=rows.pack_count, stage=rows.stage)  # fmt: skip
+    else:
+        kernels.pack_kv_ref(key_cache, value_cache, rows.pack_src, layout,
+                            num_groups=rows.pack_count)  # fmt: skip
 
 
 def attend_packed(

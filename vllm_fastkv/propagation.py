@@ -91,6 +91,7 @@ class LateLayout:
     common: CommonAttentionMetadata
     starts: list[int]  # per late row: the first slot its attention reads
     packed: list[int]  # per late row: its packed low-bit pages
+    pack: list[tuple[int, int]]  # (late row, page) of pages packed in this step
     compress: list[tuple[int, int, int, int, int]]  # (late row, scored length, start, kept,
     # pages to pack)
     propagated: list[PropagatedRow]
@@ -113,6 +114,7 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
     query_start = common.query_start_loc_cpu.tolist()
     device = common.block_table_tensor.device
     rows, starts, packed, late_query_start, compress = [], [], [], [0], []
+    pack: list[tuple[int, int]] = []
     seq_lens_host: dict[int, int] = {}
     keep_src: list[int] = []
     keep_dst: list[int] = []
@@ -147,6 +149,8 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
             keep_dst.extend(range(late_begin, late_begin + count))
             starts.append(plan.starts.get(req_id, 0))
             packed.append(plan.packed.get(req_id, 0))
+            if req_id in plan.pack:
+                pack.append((late_row, plan.pack[req_id][0]))
             if retained is not None:
                 compress.append((late_row, retained.prompt_len, retained.start,
                                  retained.kept, retained.packed_pages))  # fmt: skip
@@ -200,7 +204,8 @@ def late_layout(common: CommonAttentionMetadata, step: Any, block_size: int) -> 
         _num_computed_tokens_cache=None,
         _token_to_req_indices_cache=None,
     )
-    return LateLayout(late, starts, packed, compress, propagated, stash, keep_src_t, keep_dst_t)
+    return LateLayout(late, starts, packed, pack, compress, propagated, stash, keep_src_t,
+                      keep_dst_t)  # fmt: skip
 
 
 class PropagatingForward:

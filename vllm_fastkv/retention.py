@@ -23,6 +23,7 @@ Nothing here imports torch or vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +82,11 @@ class RetentionStepPlan:
     their KV right after its attention (which still sees the whole prompt).
     ``starts``: requests compressed in an earlier step; attention reads their blocks
     from ``start`` on (the blocks before it may already belong to other requests).
-    ``packed``: requests of ``starts`` whose first kept slots are packed pages (how many).
+    ``packed``: requests of ``starts`` whose first kept slots are packed pages (how many,
+    including a page packed in this step).
+    ``pack``: decoding requests that pack one more page before this step's attention, as
+    ``(page index, the compression it extends)``: their kept slots and generated tokens
+    have grown by a page past ``kv_residual``.
     ``propagate``: the subset of ``compress`` that continues past ``tsp_layer`` with its
     selected tokens only.
     ``stash``: non-final prefill chunks of propagated prompts, as ``(chunk_start,
@@ -92,6 +97,7 @@ class RetentionStepPlan:
     compress: dict[str, PromptRetention] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
     packed: dict[str, int] = field(default_factory=dict)
+    pack: dict[str, tuple[int, PromptRetention]] = field(default_factory=dict)
     propagate: dict[str, PromptPropagation] = field(default_factory=dict)
     stash: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -149,10 +155,22 @@ def plan_retention(
     start = (prompt_len - budget) // block_size * block_size
     if start <= 0:
         return None
-    pages = 0
-    if settings.quantizes and page_tokens > 0:
-        pages = max(prompt_len - start - settings.kv_residual, 0) // page_tokens
-    return PromptRetention(prompt_len=prompt_len, start=start, packed_pages=pages)
+    retained = PromptRetention(prompt_len=prompt_len, start=start)
+    pages = pages_to_pack(settings, retained, prompt_len, page_tokens)
+    return dataclasses.replace(retained, packed_pages=pages)
+
+
+def pages_to_pack(settings: FastKVConfig, retained: PromptRetention, cached: int,
+                  page_tokens: int) -> int:
+    """Pages a compressed request's slots ``[start, cached)`` fill, less ``kv_residual``.
+
+    The same rule as at compression (:func:`plan_retention`), applied as the request
+    grows: generated tokens extend the kept slots, and every ``page_tokens`` of them past
+    the residual make one more page.
+    """
+    if not settings.quantizes or page_tokens <= 0:
+        return 0
+    return max(cached - retained.start - settings.kv_residual, 0) // page_tokens
 
 
 def plan_propagation(

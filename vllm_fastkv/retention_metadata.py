@@ -29,7 +29,8 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.engine_config import engine_fastkv_config
-from vllm_fastkv.kv_quantization import PACKED_ATTR, PackedRows
+from vllm_fastkv.kv_quantization import PACKED_ATTR, PackedRows, engine_layout
+from vllm_fastkv.packed_layout import LowBitLayout
 from vllm_fastkv.propagation import PROPAGATION_ATTR, LateBatch, late_layout
 from vllm_fastkv.retention import STEP_PLAN_ATTR, PromptRetention, RetentionStepPlan
 from vllm_fastkv.retention_stats import COMPRESSION_SECONDS, CompressionTimer
@@ -55,6 +56,15 @@ class StepRows:
     def packed(self) -> list[int]:
         """Per row: packed low-bit pages at the front of its kept slots (0: none)."""
         return [self.plan.packed.get(req_id, 0) for req_id in self.req_ids]
+
+    @functools.cached_property
+    def pack_rows(self) -> list[tuple[int, int]]:
+        """``(row, page index)`` of decode rows that pack one more page in this step."""
+        return [
+            (row, self.plan.pack[req_id][0])
+            for row, req_id in enumerate(self.req_ids)
+            if req_id in self.plan.pack
+        ]
 
     @functools.cached_property
     def compress_rows(self) -> list[tuple[int, PromptRetention]]:
@@ -185,7 +195,13 @@ class RetentionViews:
     """Persistent block-table and sequence-length buffers with compressed rows shifted."""
 
     def __init__(
-        self, settings: FastKVConfig, max_rows: int, block_size: int, device: torch.device
+        self,
+        settings: FastKVConfig,
+        max_rows: int,
+        block_size: int,
+        device: torch.device,
+        layout: LowBitLayout | None = None,
+        stage: torch.Tensor | None = None,
     ) -> None:
         self.settings = settings
         self.max_rows = max_rows
@@ -196,21 +212,33 @@ class RetentionViews:
         self.skip_blocks = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self._skip_host = torch.zeros(max_rows, dtype=torch.int64, pin_memory=_pinned(device))
         self._columns: torch.Tensor | None = None
-        # Low-bit KV: per row, packed pages and the length the packed attention reads.
+        # Low-bit KV (``layout``): per row, packed pages and the length the packed
+        # attention reads; the blocks of pages decode rows pack in this step, their count
+        # and the scratch pages the packing goes through (``stage``, shared by all views).
+        self.layout = layout
         self.packed_pages: torch.Tensor | None = None
-        if settings.quantizes:
+        if layout is not None:
             self.packed_pages = torch.zeros(max_rows, dtype=torch.int32, device=device)
             self.packed_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
             self._packed_host = torch.zeros(max_rows, dtype=torch.int32,
                                             pin_memory=_pinned(device))  # fmt: skip
+            self.pack_src = torch.zeros(max_rows, layout.blocks_per_page, dtype=torch.int32,
+                                        device=device)  # fmt: skip
+            self.pack_count = torch.zeros(1, dtype=torch.int32, device=device)
+            self.stage = stage
 
     def apply(
-        self, common: CommonAttentionMetadata, starts: list[int], packed: list[int]
+        self,
+        common: CommonAttentionMetadata,
+        starts: list[int],
+        packed: list[int],
+        pack: list[tuple[int, int]] = (),
     ) -> tuple[CommonAttentionMetadata, PackedRows | None]:
         """``common`` with row ``i`` reading its cache from slot ``starts[i]`` on, and, with
-        low-bit KV, the rows' packed pages (``packed[i]``): vLLM's attention then sees
-        one token of a packed row, whose output :func:`~vllm_fastkv.kv_quantization.
-        attend_packed` replaces."""
+        low-bit KV, the rows' packed pages (``packed[i]``, including pages ``pack``
+        ``(row, page)`` packs in this step): vLLM's attention then sees one token of a
+        packed row, whose output :func:`~vllm_fastkv.kv_quantization.attend_packed`
+        replaces."""
         table = common.block_table_tensor
         rows, width = table.shape
         seq_rows = common.seq_lens.shape[0]
@@ -239,7 +267,7 @@ class RetentionViews:
         shifted = dataclasses.replace(common, block_table_tensor=out_table, seq_lens=out_lens)
         if self.packed_pages is None:
             return shifted, None
-        return shifted, self._packed_rows(common, out_table, out_lens, packed)
+        return shifted, self._packed_rows(common, out_table, out_lens, packed, pack)
 
     def _packed_rows(
         self,
@@ -247,6 +275,7 @@ class RetentionViews:
         table: torch.Tensor,
         lens: torch.Tensor,
         packed: list[int],
+        pack: list[tuple[int, int]],
     ) -> PackedRows:
         """Fill the packed-row buffers (every step, so captured graphs see current values)
         and cut packed rows to one token in ``lens``, which vLLM's attention reads."""
@@ -267,7 +296,18 @@ class RetentionViews:
         packed_lens = self.packed_lens[:seq_rows]
         packed_lens.copy_(lens)
         lens.masked_fill_(pages > 0, 1)
-        return PackedRows(pages, packed_lens, table, common.query_start_loc, self.settings)
+        # A page packed now: the R blocks from column page * R of the row's shifted table.
+        self.pack_count.fill_(len(pack))
+        if pack:
+            per_page = self.layout.blocks_per_page
+            rows = torch.tensor([row for row, _ in pack for _ in range(per_page)])
+            columns = torch.tensor([page * per_page + r for _, page in pack
+                                    for r in range(per_page)])  # fmt: skip
+            src = table[rows.to(self.device), columns.to(self.device)]
+            self.pack_src[: len(pack)].copy_(src.view(len(pack), per_page))
+        # The packing launches span the batch's rows (at most one page per row and step).
+        return PackedRows(pages, packed_lens, table, common.query_start_loc, self.settings,
+                          self.pack_src[:seq_rows], self.pack_count, self.stage)  # fmt: skip
 
     def compression_batch(
         self, common: CommonAttentionMetadata, entries: list[CompressEntry], step: StepRows
@@ -313,8 +353,13 @@ class RetentionMetadataBuilderMixin:
         self.fastkv_late_views: RetentionViews | None = None
         settings = engine_fastkv_config(vllm_config)
         if settings.compresses:
-            args = (settings, vllm_config.scheduler_config.max_num_seqs,
-                    kv_cache_spec.block_size, device)  # fmt: skip
+            max_rows = vllm_config.scheduler_config.max_num_seqs
+            layout = stage = None
+            if settings.quantizes:
+                layout = engine_layout(kv_cache_spec, settings)
+                stage = torch.empty(max_rows, layout.page_bytes // 4, dtype=torch.int32,
+                                    device=device)  # fmt: skip
+            args = (settings, max_rows, kv_cache_spec.block_size, device, layout, stage)
             self.fastkv_views = RetentionViews(*args)
             if settings.propagates:
                 # Layers after tsp_layer attend with their own metadata in the same step.
@@ -339,7 +384,8 @@ class RetentionMetadataBuilderMixin:
                        for row, r in step.compress_rows]  # fmt: skip
             batch = views.compression_batch(common_attn_metadata, entries, step)
         shifted, packed = views.apply(common_attn_metadata, step.starts if step else [],
-                                      step.packed if step else [])  # fmt: skip
+                                      step.packed if step else [],
+                                      step.pack_rows if step else [])  # fmt: skip
         # Cascade attention assumes one shared, unshifted prefix: never with retention.
         metadata = super().build(0, shifted, fast_build, **kwargs)
         setattr(metadata, COMPRESSION_ATTR, batch)
@@ -352,7 +398,8 @@ class RetentionMetadataBuilderMixin:
         """Metadata of the shortened batch that layers after ``tsp_layer`` run over."""
         views = self.fastkv_late_views
         layout = late_layout(common, step, views.block_size)
-        shifted, packed = views.apply(layout.common, layout.starts, layout.packed)
+        shifted, packed = views.apply(layout.common, layout.starts, layout.packed,
+                                      layout.pack)  # fmt: skip
         # fast_build: FA3's ahead-of-time schedule lives in a buffer shared with the
         # step's own metadata, which layers 0..tsp_layer use.
         metadata = super().build(0, shifted, True)

@@ -42,6 +42,7 @@ from vllm_fastkv.retention import (
     STEP_PLAN_ATTR,
     PromptRetention,
     RetentionStepPlan,
+    pages_to_pack,
     plan_propagation,
     plan_retention,
     request_settings,
@@ -104,6 +105,9 @@ class _RetentionSchedulerMixin(Scheduler):
         self.fastkv_min_final_chunk = max(self.fastkv.window, 2)
         self.need_mamba_block_aligned_split = True
         self.fastkv_retained: dict[str, PromptRetention] = {}
+        # The compression each retained request's layout started from; decode-time
+        # packing replaces fastkv_retained's entry, this identifies the lineage.
+        self.fastkv_origin: dict[str, PromptRetention] = {}
         self.fastkv_stats = RetentionStats()
         buffer_tokens = self.fastkv.tsp_buffer_tokens
         if buffer_tokens is None:
@@ -144,6 +148,8 @@ class _RetentionSchedulerMixin(Scheduler):
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             retained = self.fastkv_retained.get(req_id)
             if retained is not None:
+                if num_tokens == 1:
+                    retained = self._grow_pages(req_id, retained, plan)
                 plan.starts[req_id] = retained.start
                 if retained.packed_pages:
                     plan.packed[req_id] = retained.packed_pages
@@ -181,6 +187,7 @@ class _RetentionSchedulerMixin(Scheduler):
                 retained = dataclasses.replace(retained, packed_pages=0)
             plan.compress[req_id] = retained
             self.fastkv_retained[req_id] = retained
+            self.fastkv_origin[req_id] = retained
             propagation = plan_propagation(settings, retained, self.fastkv_block_size)
             if propagation is not None and (computed == 0 or offset is not None):
                 # A prompt whose earlier chunks ran every layer is not propagated.
@@ -190,6 +197,20 @@ class _RetentionSchedulerMixin(Scheduler):
                 )  # fmt: skip
         setattr(scheduler_output, STEP_PLAN_ATTR, plan)
         super()._update_after_schedule(scheduler_output)
+
+    def _grow_pages(
+        self, req_id: str, retained: PromptRetention, plan: RetentionStepPlan
+    ) -> PromptRetention:
+        """Low-bit KV of a decoding request: plan one more page once its slots allow it
+        (one per step; pages only ever extend the packed run)."""
+        cached = self.requests[req_id].num_computed_tokens
+        due = pages_to_pack(self.fastkv, retained, cached, self.fastkv_page_tokens)
+        if due <= retained.packed_pages:
+            return retained
+        plan.pack[req_id] = (retained.packed_pages, self.fastkv_origin[req_id])
+        grown = dataclasses.replace(retained, packed_pages=retained.packed_pages + 1)
+        self.fastkv_retained[req_id] = grown
+        return grown
 
     def _stash_offset(self, request: Request) -> int | None:
         """The buffer offset of a chunked prompt's hidden states, decided at its first chunk."""
@@ -233,36 +254,54 @@ class _RetentionSchedulerMixin(Scheduler):
         if plan is not None and plan.compress:
             for req_id in plan.propagate:
                 self.fastkv_stats.observe_propagation()
-                if self.fastkv_retained.get(req_id) is plan.compress[req_id]:
+                if self.fastkv_origin.get(req_id) is plan.compress[req_id]:
                     self._release_stash(req_id)
             for req_id, retained in plan.compress.items():
                 # The request may have finished or been preempted (its blocks are gone)
                 # since this step was scheduled.
-                if self.fastkv_retained.get(req_id) is retained:
+                if self.fastkv_origin.get(req_id) is retained:
                     self._free_dead_blocks(req_id, retained)
             self.fastkv_stats.maybe_log()
+        if plan is not None:
+            for req_id, (page, origin) in plan.pack.items():
+                if self.fastkv_origin.get(req_id) is origin:
+                    self._free_page_tail(req_id, origin, page)
         return outputs
 
     def _free_dead_blocks(self, req_id: str, retained: PromptRetention) -> None:
         """Return the blocks before ``start`` and, of every packed page, all blocks but
         its first to the pool."""
-        first = retained.start // self.fastkv_block_size
-        per_page = self.fastkv_blocks_per_page
-        ranges = [(0, first)] + [
-            (first + k * per_page + 1, first + (k + 1) * per_page)
-            for k in range(retained.packed_pages)
+        ranges = [(0, retained.start // self.fastkv_block_size)] + [
+            self._page_tail(retained, k) for k in range(retained.packed_pages)
         ]
+        freed = self._free_ranges(req_id, ranges)
+        self.fastkv_stats.observe_compression(retained.prompt_len, retained.kept, freed,
+                                              retained.packed_pages)  # fmt: skip
+
+    def _free_page_tail(self, req_id: str, retained: PromptRetention, page: int) -> None:
+        """After a decode step packed page ``page``: its blocks but the first go back."""
+        self.fastkv_stats.observe_decode_page(self._free_ranges(req_id, [
+            self._page_tail(retained, page)
+        ]))  # fmt: skip
+
+    def _page_tail(self, retained: PromptRetention, page: int) -> tuple[int, int]:
+        """Block indices of page ``page``'s blocks after its first."""
+        first = retained.start // self.fastkv_block_size + page * self.fastkv_blocks_per_page
+        return first + 1, first + self.fastkv_blocks_per_page
+
+    def _free_ranges(self, req_id: str, ranges: list[tuple[int, int]]) -> int:
+        """Null and free the request's blocks in ``ranges``; returns how many were freed."""
         free_before = self.kv_cache_manager.block_pool.get_num_free_blocks()
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             for begin, end in ranges:
                 manager._remove_blocks_in_range(req_id, begin, end)
-        freed = self.kv_cache_manager.block_pool.get_num_free_blocks() - free_before
-        self.fastkv_stats.observe_compression(retained.prompt_len, retained.kept, freed)
+        return self.kv_cache_manager.block_pool.get_num_free_blocks() - free_before
 
     def _free_request_blocks(self, request: Request) -> None:
         # Finished or preempted: a preempted request is recomputed from scratch and
         # planned again when its prompt completes.
         self.fastkv_retained.pop(request.request_id, None)
+        self.fastkv_origin.pop(request.request_id, None)
         self._release_stash(request.request_id)
         super()._free_request_blocks(request)
 

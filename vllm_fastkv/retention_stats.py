@@ -38,6 +38,10 @@ _KEPT_TOKENS = Counter(
 _FREED_BLOCKS = Counter(
     "vllm:fastkv_freed_blocks", "KV cache blocks FastKV returned to vLLM's pool."
 )
+_PACKED_PAGES = Counter(
+    "vllm:fastkv_packed_pages",
+    "Low-bit KV pages FastKV packed (each frees all but one of its blocks).",
+)
 _PROPAGATED_PROMPTS = Counter(
     "vllm:fastkv_propagated_prompts",
     "Prompts whose later layers ran over the tokens FastKV's token-selective propagation kept.",
@@ -52,23 +56,36 @@ COMPRESSION_SECONDS = Histogram(
 
 @dataclass
 class RetentionStats:
-    """Prompts compressed, prompt tokens vs tokens kept, blocks returned to the pool."""
+    """Prompts compressed, prompt tokens vs tokens kept, low-bit pages packed, blocks
+    returned to the pool."""
 
     prompts: int = 0
     prompt_tokens: int = 0
     kept_tokens: int = 0
     freed_blocks: int = 0
+    packed_pages: int = 0
     propagated: int = 0
     _last_log: float = field(default_factory=time.monotonic)
 
-    def observe_compression(self, prompt_len: int, kept: int, freed_blocks: int) -> None:
+    def observe_compression(
+        self, prompt_len: int, kept: int, freed_blocks: int, packed_pages: int = 0
+    ) -> None:
         self.prompts += 1
         self.prompt_tokens += prompt_len
         self.kept_tokens += kept
-        self.freed_blocks += freed_blocks
         _PROMPTS.inc()
         _PROMPT_TOKENS.inc(prompt_len)
         _KEPT_TOKENS.inc(kept)
+        self._observe_pages(packed_pages, freed_blocks)
+
+    def observe_decode_page(self, freed_blocks: int) -> None:
+        """One page packed in a decode step."""
+        self._observe_pages(1, freed_blocks)
+
+    def _observe_pages(self, pages: int, freed_blocks: int) -> None:
+        self.packed_pages += pages
+        self.freed_blocks += freed_blocks
+        _PACKED_PAGES.inc(pages)
         _FREED_BLOCKS.inc(freed_blocks)
 
     def observe_propagation(self) -> None:
@@ -86,6 +103,7 @@ class RetentionStats:
         return (
             f"FastKV retention: {self.prompts} prompts compressed, {self.kept_tokens}/"
             f"{self.prompt_tokens} prompt tokens kept per layer ({share:.1%}), "
+            f"{self.packed_pages} low-bit pages packed, "
             f"{self.freed_blocks} KV blocks returned to the pool, "
             f"{self.propagated} prompts propagated"
         )

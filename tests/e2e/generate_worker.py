@@ -62,6 +62,7 @@ def main() -> None:
                 compressed_prompts=stats.prompts,
                 kept_tokens=stats.kept_tokens,
                 freed_blocks=stats.freed_blocks,
+                packed_pages=stats.packed_pages,
                 block_size=scheduler.fastkv_block_size,
                 blocks_per_page=scheduler.fastkv_blocks_per_page,
                 propagated_prompts=stats.propagated,

@@ -26,10 +26,10 @@ from transformers import AutoModelForCausalLM
 from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.packed_layout import LowBitLayout
 from vllm_fastkv.reference import (
+    LowBitStore,
     fastkv_prefill,
     forced_decode_logits,
     greedy_decode,
-    quantize_retained,
 )
 from vllm_fastkv.retention import plan_propagation, plan_retention
 
@@ -87,20 +87,34 @@ def prefill(model, ids: list[int], settings: dict):
     prompt_len = len(ids)
     retained = plan_retention(config, prompt_len, BLOCK)
     propagation = plan_propagation(config, retained, BLOCK)
-    result = fastkv_prefill(
+    return fastkv_prefill(
         model, ids, policy="recency" if config.selection == "recency" else "fastkv",
         mode="constant", max_capacity_prompt=kept_entries(settings, prompt_len),
         tsp_layer=config.tsp_layer, tsp_rate=config.tsp_rate if propagation else 1.0,
         tsp_len=propagation.count if propagation else prompt_len,
         window=config.window, pool_kernel=config.pool_kernel, pooling=config.pooling,
     )  # fmt: skip
-    if not config.quantizes or retained is None:
-        return result
+
+
+def kv_store(model, ids: list[int], settings: dict) -> LowBitStore | None:
+    """The low-bit store vLLM's cache amounts to for this prompt, or None (16 bits, or a
+    prompt that is not compressed and so never packed)."""
+    config = FastKVConfig.validated(settings)
+    if not config.quantizes or plan_retention(config, len(ids), BLOCK) is None:
+        return None
     layout = packed_layout(model.config, settings)
-    return quantize_retained(
-        result, bits=config.kv_bits, value_group=layout.value_group,
-        residual=config.kv_residual, block_size=BLOCK, page_tokens=layout.page_tokens,
+    return LowBitStore(
+        bits=config.kv_bits, value_group=layout.value_group, residual=config.kv_residual,
+        block_size=BLOCK, page_tokens=layout.page_tokens,
     )  # fmt: skip
+
+
+def reference_tokens(model, ids: list[int], settings: dict, max_tokens: int) -> list[int]:
+    """The reference's greedy continuation of ``ids`` as vLLM runs it at ``settings``."""
+    result, store = prefill(model, ids, settings), kv_store(model, ids, settings)
+    if store is not None:
+        result = store.prefill(result)
+    return greedy_decode(model, result, max_tokens, kv_store=store).tolist()
 
 
 def logit_gaps(
@@ -109,7 +123,10 @@ def logit_gaps(
     """Per prompt and step: reference max logit - logit of the token vLLM chose."""
     gaps = []
     for ids, s, out in zip(prompts, settings, tokens):
-        logits = forced_decode_logits(model, prefill(model, ids, s), out)
+        result, store = prefill(model, ids, s), kv_store(model, ids, s)
+        if store is not None:
+            result = store.prefill(result)
+        logits = forced_decode_logits(model, result, out, kv_store=store)
         chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
         gaps.append(logits.max(dim=-1).values - chosen)
     return gaps
@@ -125,7 +142,7 @@ def assert_matches_reference(model_dir, prompts, settings: list[dict], tokens) -
         assert sum(w <= GPU_LOGIT_TOLERANCE for w in worst) * 2 > len(worst), (means, worst)
     else:
         expected = [
-            greedy_decode(model, prefill(model, ids, s), MAX_TOKENS).tolist()
-            for ids, s in zip(prompts, settings)
+            reference_tokens(model, ids, s, len(out))
+            for ids, s, out in zip(prompts, settings, tokens)
         ]
         assert tokens == expected

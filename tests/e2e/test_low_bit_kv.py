@@ -1,8 +1,9 @@
 """Low-bit KV inside vLLM: packed retained KV decodes exactly like the torch reference.
 
-The reference stores the same retained entries at the same bits
-(:func:`vllm_fastkv.reference.quantize_retained`), so on CPUs (fp32 engine) the greedy
-tokens must be identical; the scheduler must free, besides the blocks before each
+The reference stores the same entries at the same bits at the same moments
+(:class:`vllm_fastkv.reference.LowBitStore`: the pages a prompt fills at compression, then
+one more whenever decoding grows the cache by a page), so on CPUs (fp32 engine) the
+greedy tokens must be identical; the scheduler must free, besides the blocks before each
 prompt's start, all but the first block of every packed page, and get all of them back.
 See :mod:`tests.e2e.reference_check` for the GPU criterion (teacher forcing).
 """
@@ -20,11 +21,10 @@ from tests.e2e.reference_check import (
     assert_matches_reference,
     load,
     packed_layout,
-    prefill,
     random_prompts,
+    reference_tokens,
 )
 from vllm_fastkv.config import FastKVConfig
-from vllm_fastkv.reference import greedy_decode
 from vllm_fastkv.retention import plan_retention
 
 # Short prompts stay whole (20), keep too little to pack (300 at 2 bits), or pack 1-3
@@ -33,17 +33,23 @@ LENGTHS = [20, 300, 517, 640, 900]
 LOW_BIT = {"retain_rate": 0.5, "tsp_rate": 1.0, "kv_residual": 16}
 
 
-def _expected_blocks(model_dir, settings: dict) -> tuple[int, int]:
-    """(pages packed, blocks freed) over ``LENGTHS`` by the scheduler's own plan."""
+def _check_blocks(model_dir, settings: dict, sched: dict, decode_pages: bool) -> None:
+    """The scheduler packed at least the pages the prompts fill at compression (more when
+    decoding grows them, ``decode_pages``), freed exactly the blocks before each start plus
+    ``R - 1`` per page, and got every block back."""
     layout = packed_layout(AutoConfig.from_pretrained(model_dir), settings)
     config = FastKVConfig.validated(settings)
-    pages = freed = 0
-    for n in LENGTHS:
-        plan = plan_retention(config, n, BLOCK, layout.page_tokens)
-        if plan is not None:
-            pages += plan.packed_pages
-            freed += plan.start // BLOCK + plan.packed_pages * (layout.blocks_per_page - 1)
-    return pages, freed
+    plans = [plan_retention(config, n, BLOCK, layout.page_tokens) for n in LENGTHS]
+    prompt_pages = sum(p.packed_pages for p in plans if p)
+    assert prompt_pages >= 3, "the prompts must pack pages for this test to mean anything"
+    assert sched["blocks_per_page"] == layout.blocks_per_page
+    if decode_pages:
+        assert sched["packed_pages"] > prompt_pages
+    else:
+        assert sched["packed_pages"] >= prompt_pages
+    leading = sum(p.start // BLOCK for p in plans if p)
+    assert sched["freed_blocks"] == leading + sched["packed_pages"] * (layout.blocks_per_page - 1)
+    assert sched["free_blocks_end"] == sched["free_blocks_start"]
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -56,13 +62,20 @@ def test_low_bit_matches_reference(tiny_llama, bits, chunk):
         additional_config={"fastkv": settings}, **ENGINE,
     )  # fmt: skip
     assert_matches_reference(tiny_llama, prompts, [settings] * len(prompts), result["tokens"])
-    pages, freed = _expected_blocks(tiny_llama, settings)
-    assert pages >= 3, "the prompts must pack pages for this test to mean anything"
-    sched = result["scheduler"]
-    layout = packed_layout(AutoConfig.from_pretrained(tiny_llama), settings)
-    assert sched["blocks_per_page"] == layout.blocks_per_page
-    assert sched["freed_blocks"] == freed
-    assert sched["free_blocks_end"] == sched["free_blocks_start"]
+    _check_blocks(tiny_llama, settings, result["scheduler"], decode_pages=False)
+
+
+def test_low_bit_packs_pages_while_decoding(tiny_llama):
+    """Long generations: every request packs further pages as it decodes (at 4 bits a page
+    is 80 tokens here), each in the step its slots allow, as the reference does."""
+    settings = {**LOW_BIT, "kv_bits": 4}
+    prompts = random_prompts(LENGTHS, seed=6)
+    result = generate(
+        tiny_llama, prompts, 120, max_num_batched_tokens=64,
+        additional_config={"fastkv": settings}, **ENGINE,
+    )  # fmt: skip
+    assert_matches_reference(tiny_llama, prompts, [settings] * len(prompts), result["tokens"])
+    _check_blocks(tiny_llama, settings, result["scheduler"], decode_pages=True)
 
 
 def test_low_bit_with_propagation(tiny_qwen2):
@@ -86,25 +99,26 @@ def test_quantization_changes_the_output(tiny_llama):
     above could not hold with the packed pages ignored or read as full precision."""
     model = load(tiny_llama)
     prompts = random_prompts([640, 900], seed=4)
-    plain = [greedy_decode(model, prefill(model, ids, LOW_BIT), MAX_TOKENS).tolist()
-             for ids in prompts]  # fmt: skip
-    packed = [greedy_decode(model, prefill(model, ids, {**LOW_BIT, "kv_bits": 2}),
-                            MAX_TOKENS).tolist() for ids in prompts]  # fmt: skip
+    plain = [reference_tokens(model, ids, LOW_BIT, MAX_TOKENS) for ids in prompts]
+    packed = [reference_tokens(model, ids, {**LOW_BIT, "kv_bits": 2}, MAX_TOKENS)
+              for ids in prompts]  # fmt: skip
     assert plain != packed
 
 
 def test_low_bit_preemption_under_a_small_pool(tiny_llama):
-    """More long requests than the pool holds: preempted requests with packed pages are
-    recomputed from scratch (and packed again), all finish, and every block comes back."""
-    settings = {**LOW_BIT, "kv_bits": 4}
+    """More long requests than the pool holds, packing pages as they decode: preempted
+    requests are recomputed from scratch (and packed again as they grow), all finish,
+    and every block comes back."""
+    settings = {**LOW_BIT, "kv_bits": 4, "kv_residual": 128}
     lengths = [300, 333, 310, 290, 320, 305, 315, 298]
     prompts = random_prompts(lengths, seed=2)
     result = generate(
-        tiny_llama, prompts, 160, max_num_batched_tokens=128, num_gpu_blocks_override=64,
+        tiny_llama, prompts, 300, max_num_batched_tokens=128, num_gpu_blocks_override=64,
         max_num_seqs=8, additional_config={"fastkv": settings}, **ENGINE,
     )  # fmt: skip
     sched = result["scheduler"]
     assert sched["preemptions"] > 0
-    assert [len(t) for t in result["tokens"]] == [160] * len(prompts)
+    assert sched["packed_pages"] > 0
+    assert [len(t) for t in result["tokens"]] == [300] * len(prompts)
     assert sched["free_blocks_end"] == sched["free_blocks_start"]
     assert sched["compressed_prompts"] >= len(prompts)

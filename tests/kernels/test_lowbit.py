@@ -127,6 +127,27 @@ def test_pack_matches_reference_bit_for_bit(case, paged_kv, device):
         assert err < {2: 0.35, 4: 0.08}[bits]
 
 
+def test_pack_takes_its_group_count_from_the_device(paged_kv, device):
+    """With ``num_groups`` (a device scalar, as in captured decode steps) only that many
+    groups of a larger buffer are packed, through a reused scratch buffer; the rest of the
+    cache keeps its bytes, and the result equals packing those groups alone."""
+    paged = paged_kv([16 * 12], num_kv_heads=2, head_dim=64, block_size=16,
+                     dtype=torch.float32, seed=3)  # fmt: skip
+    layout = LowBitLayout.for_cache(paged.key_cache, 4, 32)
+    groups = _groups(paged, layout.blocks_per_page, seed=4)  # two groups of 5 blocks
+    original = paged.kv_cache.clone()
+    stage = torch.empty(8, page_views(paged.key_cache)[0].shape[1], dtype=torch.int32,
+                        device=device)  # fmt: skip
+    count = torch.tensor([1], dtype=torch.int32, device=device)
+    pack_kv(paged.key_cache, paged.value_cache, groups, layout, num_groups=count, stage=stage)
+    alone = original.clone()
+    alone_k, alone_v = alone.transpose(1, 2).split(64, dim=-1)
+    pack_kv(alone_k, alone_v, groups[:1], layout)
+    assert torch.equal(paged.kv_cache.view(torch.uint8), alone.view(torch.uint8))
+    second = groups[1, 0].long()
+    assert torch.equal(paged.kv_cache[second].view(torch.uint8), original[second].view(torch.uint8))
+
+
 def _pack_rows(paged, layout, pages_per_row: list[int]) -> torch.Tensor:
     """Pack the first ``pages_per_row[i] * R`` blocks of each row (as the engine does),
     returning the packed-page counts."""
@@ -217,7 +238,10 @@ shape = dict(BITS=bits, BLOCK=16, DIM=128, NUM_HEADS=8, HEAD_WORDS=layout.head_b
              VALUE_SCALE=vs, VALUE_MIN=vm)
 kernels = [
     (quantization._pack_kernel, dict(key_ptr="*bf16", value_ptr="*bf16", src_ptr="*i32",
-     stage_words_ptr="*i32", stage_halves_ptr="*fp16"), dict(shape, GROUP=32)),
+     stage_words_ptr="*i32", stage_halves_ptr="*fp16", count_ptr="*i32"),
+     dict(shape, GROUP=32, HAS_COUNT=True)),
+    (quantization._copy_pages_kernel, dict(words_ptr="*i32", stage_ptr="*i32",
+     src_ptr="*i32", count_ptr="*i32"), dict(BLOCK=1024, HAS_COUNT=True)),
     (packed_attention._packed_decode_kernel, dict(query_ptr="*bf16", key_ptr="*bf16",
      value_ptr="*bf16", words_ptr="*i32", halves_ptr="*fp16", block_table_ptr="*i32",
      qsl_ptr="*i32", seq_lens_ptr="*i32", packed_ptr="*i32", out_ptr="*bf16"),
@@ -245,4 +269,4 @@ def test_kernels_compile_for_sm90(bits):
         env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 2
+    assert proc.stdout.count(" ok") == 3

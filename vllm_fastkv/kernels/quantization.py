@@ -5,10 +5,12 @@ block's tokens, values per token over channel groups; asymmetric, fp16 scale and
 minimum) into the page of each group's first block, in the layout of
 :mod:`vllm_fastkv.packed_layout`. The other ``R - 1`` blocks are then free.
 
-Why two steps: a group's page is also its first source block, and programs of one
+Why two launches: a group's page is also its first source block, and programs of one
 launch run in no particular order, so launch 1 only reads the cache and writes each
-group's packed page to a scratch buffer, and a copy into the pages follows on the same
-stream (every read is done before any page is written).
+group's packed page to a scratch buffer, and launch 2 copies the scratch pages into the
+cache (every read is done before any page is written). Both can take the group count
+from a device buffer (programs past it return), so decode steps captured in CUDA graphs
+pack however many pages the step's metadata asks for.
 
 Arithmetic is that of :func:`vllm_fastkv.reference.quantization.quantize_groups_ref`
 (and :func:`vllm_fastkv.kernels.reference.pack_kv_ref`), bit for bit: fp32
@@ -50,17 +52,20 @@ def _pack_kernel(
     key_ptr, value_ptr, src_ptr, stage_words_ptr, stage_halves_ptr,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_src, page_words,
+    stride_src, page_words, count_ptr,
     BITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr,
     NUM_HEADS: tl.constexpr, HEAD_WORDS: tl.constexpr, VALUE_CODES: tl.constexpr,
     KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr, VALUE_SCALE: tl.constexpr,
-    VALUE_MIN: tl.constexpr,
+    VALUE_MIN: tl.constexpr, HAS_COUNT: tl.constexpr,
 ):
     """Program (group g, sub-block r, head h): block ``src[g, r]``, head ``h`` into the
-    ``(r, h)`` region of group ``g``'s scratch page."""
+    ``(r, h)`` region of group ``g``'s scratch page (nothing for ``g >= count``)."""
     g = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
+    if HAS_COUNT:
+        if g >= tl.load(count_ptr):
+            return
     PER_WORD: tl.constexpr = 32 // BITS
     LEVELS: tl.constexpr = (1 << BITS) - 1
     NG: tl.constexpr = DIM // GROUP
@@ -105,6 +110,26 @@ def _pack_kernel(
     tl.store(halves_out + VALUE_MIN + tok[:, None] * NG + grp[None, :], v_min)
 
 
+@triton.jit
+def _copy_pages_kernel(
+    words_ptr, stage_ptr, src_ptr, count_ptr, stride_src, page_words, used_words,
+    BLOCK: tl.constexpr, HAS_COUNT: tl.constexpr,
+):
+    """Program (group g, tile): scratch page ``g``'s words into page ``src[g, 0]``."""
+    g = tl.program_id(0)
+    if HAS_COUNT:
+        if g >= tl.load(count_ptr):
+            return
+    page = tl.load(src_ptr + g * stride_src).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < used_words
+    data = tl.load(stage_ptr + g.to(tl.int64) * page_words + offs, mask=mask)
+    tl.store(words_ptr + page * page_words + offs, data, mask=mask)
+
+
+_COPY_BLOCK = 1024
+
+
 def check_kernel_layout(layout: LowBitLayout) -> None:
     """The Triton kernels tile whole blocks, heads and value groups: powers of two only."""
     for name in ("block_size", "head_dim", "value_group", "value_groups"):
@@ -118,6 +143,9 @@ def pack_kv(
     value_cache: torch.Tensor,
     src_blocks: torch.Tensor,
     layout: LowBitLayout,
+    *,
+    num_groups: torch.Tensor | None = None,
+    stage: torch.Tensor | None = None,
 ) -> None:
     """Quantise each group of full-precision blocks into its first block's page, in place.
 
@@ -128,24 +156,35 @@ def pack_kv(
             blocks in logical order; the packed page is written over ``src_blocks[g, 0]``.
             No block may appear in two groups.
         layout: the packed layout of these pages.
+        num_groups: int32 ``[1]`` on the device: pack only the first that many groups
+            (``None``: all ``n``). The launches do not depend on it (CUDA graphs).
+        stage: int32 scratch ``[>= n, page_words]`` to reuse (``None``: allocated).
     """
     check_kernel_layout(layout)
-    num_groups = src_blocks.shape[0]
+    groups = src_blocks.shape[0]
     if src_blocks.dim() != 2 or src_blocks.shape[1] != layout.blocks_per_page:
         raise ValueError(f"src_blocks must be [n, {layout.blocks_per_page}]")
-    if num_groups == 0:
+    if groups == 0:
         return
     words, _ = page_views(key_cache)
+    page_words = words.shape[1]
+    if stage is None:
+        stage = torch.empty(groups, page_words, dtype=torch.int32, device=words.device)
     used_words = layout.blocks_per_page * layout.subblock_bytes // 4
-    stage = torch.empty(num_groups, words.shape[1], dtype=torch.int32, device=words.device)
+    has_count = num_groups is not None
+    count = num_groups if has_count else src_blocks  # never read without a count
     key_scale, key_min, value_scale, value_min = layout.scale_offsets()
-    _pack_kernel[(num_groups, layout.blocks_per_page, layout.num_kv_heads)](
+    _pack_kernel[(groups, layout.blocks_per_page, layout.num_kv_heads)](
         key_cache, value_cache, src_blocks, stage, stage.view(torch.float16),
-        *key_cache.stride(), *value_cache.stride(), src_blocks.stride(0), words.shape[1],
+        *key_cache.stride(), *value_cache.stride(), src_blocks.stride(0), page_words, count,
         BITS=layout.bits, BLOCK=layout.block_size, DIM=layout.head_dim,
         GROUP=layout.value_group, NUM_HEADS=layout.num_kv_heads,
         HEAD_WORDS=layout.head_bytes // 4, VALUE_CODES=layout.value_codes_offset,
         KEY_SCALE=key_scale, KEY_MIN=key_min, VALUE_SCALE=value_scale, VALUE_MIN=value_min,
+        HAS_COUNT=has_count,
     )  # fmt: skip
-    # Same stream, after the launch: every source block has been read.
-    words[src_blocks[:, 0].long(), :used_words] = stage[:, :used_words]
+    # Launch order on the stream is the safety argument: every source block was read.
+    _copy_pages_kernel[(groups, triton.cdiv(used_words, _COPY_BLOCK))](
+        words, stage, src_blocks, count, src_blocks.stride(0), page_words, used_words,
+        BLOCK=_COPY_BLOCK, HAS_COUNT=has_count,
+    )  # fmt: skip

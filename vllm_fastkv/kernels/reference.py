@@ -276,15 +276,21 @@ def pack_kv_ref(
     value_cache: torch.Tensor,
     src_blocks: torch.Tensor,
     layout: LowBitLayout,
+    *,
+    num_groups: torch.Tensor | None = None,
+    stage: torch.Tensor | None = None,
 ) -> None:
     """In place: the ``R`` full-precision blocks ``src_blocks[g]`` (``[n, R]``, in logical
-    order) are quantised into the page of ``src_blocks[g, 0]``.
+    order; the first ``num_groups`` of them if given) are quantised into the page of
+    ``src_blocks[g, 0]``. ``stage`` is accepted for the kernel's signature and unused.
 
     Every group's blocks are read before any page is written, so a page may be one of its
     own sources (it always is: the first). Keys: per channel over each block's tokens;
     values: per token over ``layout.value_group`` channels.
     """
     words, halves = page_views(key_cache)
+    if num_groups is not None:
+        src_blocks = src_blocks[: int(num_groups.reshape(-1)[0])]
     groups = src_blocks.long().tolist()
     blocks = [
         (key_cache[row].float().clone(), value_cache[row].float().clone())

@@ -20,16 +20,16 @@ from vllm_fastkv.reference.fastkv import (
     greedy_decode,
     resolve_tsp_layer,
 )
-from vllm_fastkv.reference.lowbit import quantize_retained
+from vllm_fastkv.reference.lowbit import LowBitStore
 
 __all__ = [
     "LayerKV",
+    "LowBitStore",
     "Policy",
     "PrefillResult",
     "fastkv_prefill",
     "forced_decode_logits",
     "generate",
     "greedy_decode",
-    "quantize_retained",
     "resolve_tsp_layer",
 ]

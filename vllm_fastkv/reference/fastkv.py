@@ -18,6 +18,7 @@ and budget rounding) so harness code can pass ``config.model_dump()`` entries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +36,10 @@ from vllm_fastkv.reference.scoring import (
     select_retained,
     token_budget,
 )
+
+#: Rewrites one layer's decode cache ``(layer index, keys, values) -> (keys, values)``
+#: before a decode step: how a store other than full precision (low-bit) enters decoding.
+KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 #: ``fastkv``: scored retention + TSP; ``recency``: keep the last ``B`` tokens of
 #: every layer (a StreamingLLM-style baseline without sinks, full prefill);
@@ -186,6 +191,7 @@ def greedy_decode(
     prefill: PrefillResult,
     max_new_tokens: int,
     eos_token_id: int | None = None,
+    kv_store: KVStore | None = None,
 ) -> torch.Tensor:
     """Greedy tokens on top of the retained cache: ``[n]`` with ``n <= max_new_tokens``.
 
@@ -193,9 +199,10 @@ def greedy_decode(
     position ``T, T + 1, ...`` (logical positions continue from the prompt length,
     not from the number of kept entries) and attends to every layer's retained
     entries plus the generated tokens before it. Stops after ``eos_token_id``.
+    ``kv_store`` may rewrite each layer's cache before each step (low-bit storage).
     """
     _check_sliding_window(model.config, prefill.prompt_len + max_new_tokens)
-    step = _Decoder(model, prefill)
+    step = _Decoder(model, prefill, kv_store)
     token = prefill.logits.argmax()
     generated = [token]
     while len(generated) < max_new_tokens and token.item() != eos_token_id:
@@ -206,7 +213,10 @@ def greedy_decode(
 
 @torch.inference_mode()
 def forced_decode_logits(
-    model: nn.Module, prefill: PrefillResult, tokens: torch.Tensor | list[int]
+    model: nn.Module,
+    prefill: PrefillResult,
+    tokens: torch.Tensor | list[int],
+    kv_store: KVStore | None = None,
 ) -> torch.Tensor:
     """fp32 ``[n, vocab]`` logits that predicted each of ``tokens`` (teacher forcing).
 
@@ -217,7 +227,7 @@ def forced_decode_logits(
     """
     tokens = torch.as_tensor(tokens).reshape(-1)
     _check_sliding_window(model.config, prefill.prompt_len + tokens.numel())
-    step = _Decoder(model, prefill)
+    step = _Decoder(model, prefill, kv_store)
     rows = [prefill.logits]
     for token in tokens[:-1]:
         rows.append(step(token))
@@ -227,10 +237,13 @@ def forced_decode_logits(
 class _Decoder:
     """One-token decode steps on a prefill's retained caches (positions ``T, T+1, ...``)."""
 
-    def __init__(self, model: nn.Module, prefill: PrefillResult) -> None:
+    def __init__(
+        self, model: nn.Module, prefill: PrefillResult, kv_store: KVStore | None = None
+    ) -> None:
         self.model = model
         self.caches = [(layer.keys, layer.values) for layer in prefill.layers]
         self.position = prefill.prompt_len
+        self.kv_store = kv_store
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         backbone = self.model.model
@@ -238,6 +251,8 @@ class _Decoder:
         hidden = backbone.embed_tokens(token.reshape(1).to(device))
         positions = torch.tensor([self.position], device=device)
         for index, layer in enumerate(backbone.layers):
+            if self.kv_store is not None:
+                self.caches[index] = self.kv_store(index, *self.caches[index])
             hidden, _, keys, values = _decoder_layer(
                 layer, hidden, positions, backbone.rotary_emb, past=self.caches[index]
             )
