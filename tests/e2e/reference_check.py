@@ -23,6 +23,7 @@ import random
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.e2e.engines import generate
 from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.packed_layout import LowBitLayout
 from vllm_fastkv.reference import (
@@ -115,6 +116,23 @@ def reference_tokens(model, ids: list[int], settings: dict, max_tokens: int) -> 
     if store is not None:
         result = store.prefill(result)
     return greedy_decode(model, result, max_tokens, kv_store=store).tolist()
+
+
+def run_under_a_small_pool(model_dir, settings: dict, max_tokens: int) -> dict:
+    """Eight ~300-token requests in a 64-block pool: more than it holds, so compressed
+    requests are preempted and recomputed. Checks that vLLM preempted, every request
+    finished and every block came back; returns the scheduler's report."""
+    prompts = random_prompts([300, 333, 310, 290, 320, 305, 315, 298], seed=2)
+    result = generate(
+        model_dir, prompts, max_tokens, max_num_batched_tokens=128, num_gpu_blocks_override=64,
+        max_num_seqs=8, additional_config={"fastkv": settings}, **ENGINE,
+    )  # fmt: skip
+    sched = result["scheduler"]
+    assert sched["preemptions"] > 0
+    assert [len(t) for t in result["tokens"]] == [max_tokens] * len(prompts)
+    assert sched["free_blocks_end"] == sched["free_blocks_start"]
+    assert sched["compressed_prompts"] >= len(prompts)
+    return sched
 
 
 def logit_gaps(

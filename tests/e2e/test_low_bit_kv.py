@@ -23,6 +23,7 @@ from tests.e2e.reference_check import (
     packed_layout,
     random_prompts,
     reference_tokens,
+    run_under_a_small_pool,
 )
 from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.retention import plan_retention
@@ -110,15 +111,4 @@ def test_low_bit_preemption_under_a_small_pool(tiny_llama):
     requests are recomputed from scratch (and packed again as they grow), all finish,
     and every block comes back."""
     settings = {**LOW_BIT, "kv_bits": 4, "kv_residual": 128}
-    lengths = [300, 333, 310, 290, 320, 305, 315, 298]
-    prompts = random_prompts(lengths, seed=2)
-    result = generate(
-        tiny_llama, prompts, 300, max_num_batched_tokens=128, num_gpu_blocks_override=64,
-        max_num_seqs=8, additional_config={"fastkv": settings}, **ENGINE,
-    )  # fmt: skip
-    sched = result["scheduler"]
-    assert sched["preemptions"] > 0
-    assert sched["packed_pages"] > 0
-    assert [len(t) for t in result["tokens"]] == [300] * len(prompts)
-    assert sched["free_blocks_end"] == sched["free_blocks_start"]
-    assert sched["compressed_prompts"] >= len(prompts)
+    assert run_under_a_small_pool(tiny_llama, settings, 300)["packed_pages"] > 0

@@ -21,6 +21,7 @@ from tests.e2e.reference_check import (
     logit_gaps,
     prefill,
     random_prompts,
+    run_under_a_small_pool,
 )
 from vllm_fastkv.reference import greedy_decode
 
@@ -93,14 +94,4 @@ def test_per_request_overrides(tiny_llama):
 def test_preemption_under_a_small_pool(tiny_llama):
     """More long requests than the pool holds: preempted compressed requests are
     recomputed, every request finishes, and every block comes back."""
-    lengths = [300, 333, 310, 290, 320, 305, 315, 298]
-    prompts = random_prompts(lengths, seed=2)
-    result = generate(
-        tiny_llama, prompts, 48, max_num_batched_tokens=128, num_gpu_blocks_override=64,
-        max_num_seqs=8, additional_config={"fastkv": RETENTION}, **ENGINE,
-    )  # fmt: skip
-    sched = result["scheduler"]
-    assert sched["preemptions"] > 0
-    assert [len(t) for t in result["tokens"]] == [48] * len(prompts)
-    assert sched["free_blocks_end"] == sched["free_blocks_start"]
-    assert sched["compressed_prompts"] >= len(prompts)
+    run_under_a_small_pool(tiny_llama, RETENTION, 48)
