@@ -42,7 +42,7 @@ def compress_prompt_kv(
         _select_and_compact(query, key_cache, value_cache, batch, scale=scale, k_scale=k_scale)
     if any(batch.packed_pages):
         pack_prompt_pages(key_cache, value_cache, batch.block_tables, batch.starts_host,
-                          batch.packed_pages, batch.settings)  # fmt: skip
+                          batch.packed_pages, batch.layout)  # fmt: skip
 
 
 def _select_and_compact(

@@ -46,7 +46,7 @@ class PackedRows:
     seq_lens: torch.Tensor  # int32 [rows]
     block_table: torch.Tensor  # int32 [rows, max_blocks], shifted
     query_start_loc: torch.Tensor  # int32 [rows + 1]
-    settings: FastKVConfig
+    layout: LowBitLayout  # the engine's, computed once at start-up
     #: Decode rows' pages packed in this step, before attention: ``pack_count`` (int32
     #: ``[1]``) groups of block ids in ``pack_src`` (``[max rows, R]``), through ``stage``.
     pack_src: torch.Tensor
@@ -74,25 +74,19 @@ def engine_layout(kv_cache_spec: Any, settings: FastKVConfig) -> LowBitLayout:
     return layout
 
 
-def layer_layout(key_cache: torch.Tensor, settings: FastKVConfig) -> LowBitLayout:
-    """The packed layout of one layer's pages (its K view ``[blocks, block, heads, dim]``)."""
-    return LowBitLayout.for_cache(key_cache, settings.kv_bits, settings.kv_group_size)
-
-
 def pack_prompt_pages(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     block_tables: torch.Tensor,
     starts: list[int],
     pages: list[int],
-    settings: FastKVConfig,
+    layout: LowBitLayout,
 ) -> None:
     """Pack ``pages[i]`` pages of row ``i`` of ``block_tables``, from slot ``starts[i]`` on.
 
     Page ``k`` of a row folds its blocks ``starts[i] / block_size + k * R + (0 .. R-1)``
     into the first of them. The block ids are gathered on the device, so no sync.
     """
-    layout = layer_layout(key_cache, settings)
     per_page = layout.blocks_per_page
     rows, columns = [], []
     for i, (start, count) in enumerate(zip(starts, pages)):
@@ -114,12 +108,11 @@ def pack_decode_pages(
 ) -> None:
     """Pack the pages the step's decode rows fill (none most steps). On CUDA the launches
     take the count from the device, so captured decode graphs replay them as they are."""
-    layout = layer_layout(key_cache, rows.settings)
     if key_cache.is_cuda:
-        kernels.pack_kv(key_cache, value_cache, rows.pack_src, layout,
+        kernels.pack_kv(key_cache, value_cache, rows.pack_src, rows.layout,
                         num_groups=rows.pack_count, stage=rows.stage)  # fmt: skip
     else:
-        kernels.pack_kv_ref(key_cache, value_cache, rows.pack_src, layout,
+        kernels.pack_kv_ref(key_cache, value_cache, rows.pack_src, rows.layout,
                             num_groups=rows.pack_count)  # fmt: skip
 
 
@@ -142,5 +135,5 @@ def attend_packed(
     )  # fmt: skip
     decode(
         query, key_cache, value_cache, rows.block_table, rows.query_start_loc, rows.seq_lens,
-        rows.pages, output, scale=scale, layout=layer_layout(key_cache, rows.settings),
+        rows.pages, output, scale=scale, layout=rows.layout,
     )  # fmt: skip

@@ -176,7 +176,7 @@ class CompressionBatch:
     starts_host: list[int]
     packed_pages: list[int]  # low-bit pages to pack from each row's start slot
     timer: CompressionTimer  # the step's
-    settings: FastKVConfig
+    layout: LowBitLayout | None  # low-bit KV's page layout (None: 16 bits)
     window: int
     pool_kernel: int
     pooling: str
@@ -306,7 +306,7 @@ class RetentionViews:
             src = table[rows.to(self.device), columns.to(self.device)]
             self.pack_src[: len(pack)].copy_(src.view(len(pack), per_page))
         # The packing launches span the batch's rows (at most one page per row and step).
-        return PackedRows(pages, packed_lens, table, common.query_start_loc, self.settings,
+        return PackedRows(pages, packed_lens, table, common.query_start_loc, self.layout,
                           self.pack_src[:seq_rows], self.pack_count, self.stage)  # fmt: skip
 
     def compression_batch(
@@ -329,7 +329,7 @@ class RetentionViews:
             starts_host=starts,
             packed_pages=pages,
             timer=step.timer,
-            settings=self.settings,
+            layout=self.layout,
             window=self.settings.window,
             pool_kernel=self.settings.pool_kernel,
             pooling=self.settings.pooling,

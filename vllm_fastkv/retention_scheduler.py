@@ -148,7 +148,7 @@ class _RetentionSchedulerMixin(Scheduler):
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             retained = self.fastkv_retained.get(req_id)
             if retained is not None:
-                if num_tokens == 1:
+                if num_tokens == 1 and self.fastkv_page_tokens:
                     retained = self._grow_pages(req_id, retained, plan)
                 plan.starts[req_id] = retained.start
                 if retained.packed_pages:
