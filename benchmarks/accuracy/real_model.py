@@ -98,6 +98,45 @@ def build_smollm2(out_dir: str | Path) -> Path:
     return out
 
 
+def build_retriever(out_dir: str | Path, asset: str | Path | None = None,
+                    force: bool = False) -> Path:
+    """Write the trained retrieval model (``train_retriever.py``) as an HF directory.
+
+    The asset holds int8 weights (one fp16 scale per matrix row), the config and the
+    tokenizer; the directory gets float32 weights dequantized from them, so vLLM,
+    transformers and the torch reference all load the exact model that ships.
+    Idempotent like :func:`build_smollm2` (the marker holds the weights' digest).
+    """
+    import hashlib
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    from benchmarks.accuracy.train_retriever import ASSET_DIR, WEIGHTS_FILE, dequantize_int8
+
+    asset = Path(asset or ASSET_DIR)
+    weights = asset / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: train the model first "
+                                "(python -m benchmarks.accuracy.train_retriever train)")
+    expected = f"retriever {hashlib.sha256(weights.read_bytes()).hexdigest()}\n"
+    out = Path(out_dir)
+    marker = out / MARKER
+    if not force and marker.is_file() and marker.read_text() == expected:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(asset / name, out / name)
+    _portable_tokenizer_config(out, None)
+    config = LlamaConfig.from_pretrained(asset)
+    _save_model(config, dequantize_int8(load_file(str(weights)), torch.float32), out)
+    marker.write_text(expected)
+    return out
+
+
 def _field_value(field):
     """A GGUF metadata value as Python (str, number, bool or list)."""
     return field.contents()

@@ -1,0 +1,413 @@
+"""Train the accuracy model: a small Llama that retrieves from long context.
+
+No model hub is reachable and the one pretrained LM the package registries ship
+(SmolLM2-135M, ``real_model.py``) solves about a quarter of the long-context grid with
+full KV, too weak to tell what KV compression costs. This script trains, on one GPU in
+minutes, a Llama-architecture model (8 layers, hidden 256, 4 query / 2 KV heads of 64:
+grouped-query attention like the models FastKV targets) on the English LongBench
+``multi_news`` text with the seeded tasks of :mod:`vllm_fastkv.reference.tasks`
+(passkey, needle-in-a-haystack variants, variable tracking) at 512-16K tokens, so that
+with full KV it solves them, and FastKV's accuracy is measured against a model that
+actually retrieves. Training seeds start at ``TRAIN_SEED_BASE``; evaluations use small
+seeds, so no evaluated prompt was seen in training.
+
+Two steps, both reproducible:
+
+    # CPU, seconds: the byte-level BPE tokenizer (4,096 ids, digits split one by one)
+    python -m benchmarks.accuracy.train_retriever tokenizer --asset benchmarks/accuracy/retriever
+    # GPU, minutes: train, check on held-out seeds, write the shipped weights
+    python -m benchmarks.accuracy.train_retriever train --asset benchmarks/accuracy/retriever \\
+        --data-dir DIR --minutes 7 --model-dir /tmp/retriever
+
+The asset directory holds what ships with the project (``config.json``, the tokenizer,
+``model-int8.safetensors``: every matrix as int8 rows with one fp16 scale per row, ~8 MB,
+so the repository stays small enough to travel with the GPU bundle).
+``real_model.build_retriever`` turns it into an HF model directory that vLLM loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import multiprocessing
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from vllm_fastkv.reference import tasks
+
+ASSET_DIR = Path(__file__).resolve().parent / "retriever"
+WEIGHTS_FILE = "model-int8.safetensors"
+VOCAB_SIZE = 4096
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+#: Training prompts use seeds from here on; evaluations use 0, 1, 2, ...
+TRAIN_SEED_BASE = 1_000_000
+#: Prompt lengths trained on (tokens); every step uses one, at ~TOKENS_PER_STEP tokens.
+BUCKETS = (512, 1024, 2048, 4096, 8192, 16384)
+TOKENS_PER_STEP = 1 << 18
+#: The model: small enough to train in minutes and to ship as ~8 MB of int8.
+MODEL_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": max(BUCKETS),
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def build_tokenizer(asset: Path, data_dir: Path) -> Any:
+    """Train the BPE tokenizer on the haystack text and the task templates; save it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    # Digits one by one (as Llama-3 and SmolLM2 do): a 7-digit value is 7 ids, so copying
+    # it is the same skill at every value.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])  # fmt: skip
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tokenizer.train_from_iterator(_tokenizer_corpus(data_dir), trainer=trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        model_max_length=max(BUCKETS),
+    )  # fmt: skip
+    asset.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(asset)
+    config = {**MODEL_CONFIG, "bos_token_id": bos_id, "eos_token_id": tokenizer.token_to_id(EOS),
+              "pad_token_id": tokenizer.token_to_id(PAD)}
+    (asset / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return fast
+
+
+def _tokenizer_corpus(data_dir: Path) -> list[str]:
+    """Haystack sentences plus short task prompts (their fixed phrases become tokens)."""
+    path = data_dir / tasks.MULTI_NEWS
+    text = list(tasks._multi_news_sentences(path)) if path.is_file() else []
+
+    class Chars:  # sizes prompts by characters: the tokenizer does not exist yet
+        def encode(self, s: str) -> list[int]:
+            return list(range(len(s) // 4))
+
+    for seed in range(200):
+        for generate in tasks.TASKS.values():
+            text.append(generate(Chars(), 600, seed=seed, data_dir=data_dir).prompt)
+    return text
+
+
+def load_tokenizer(asset: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(asset)
+
+
+# ----------------------------------------------------------------------------- data
+class _ApproxTokens:
+    """Sizes a prompt by characters (``chars_per_token``), so building it costs one real
+    tokenisation instead of a binary search of them."""
+
+    def __init__(self, chars_per_token: float) -> None:
+        self.chars_per_token = chars_per_token
+
+    def encode(self, text: str) -> range:
+        return range(math.ceil(len(text) / self.chars_per_token))
+
+
+def answer_text(answer: str | list[str]) -> str:
+    """The continuation a task's answer prefix expects: `` 1234567.`` or `` a, b, c.``."""
+    values = [answer] if isinstance(answer, str) else answer
+    return " " + ", ".join(values) + "."
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(asset: str, data_dir: str, chars_per_token: float) -> None:
+    _WORKER["tokenizer"] = load_tokenizer(Path(asset))
+    _WORKER["approx"] = _ApproxTokens(chars_per_token)
+    _WORKER["data_dir"] = data_dir
+
+
+def make_example(spec: tuple[str, int, int]) -> tuple[list[int], int] | None:
+    """``(task, length, seed)`` -> (token ids with answer and EOS, answer start) or None.
+
+    Depth, and the needle counts of the multi-needle tasks, vary with the seed around the
+    evaluated defaults, so the model learns the skill, not one layout.
+    """
+    task, length, seed = spec
+    rng = random.Random(seed)
+    kwargs: dict[str, Any] = {"depth": rng.random()}
+    if task == "niah_multikey":
+        kwargs["num_distractors"] = rng.randint(1, 5)
+    elif task == "niah_multivalue":
+        kwargs["num_values"] = rng.randint(2, 5)
+    elif task == "niah_multiquery":
+        kwargs["num_queries"] = rng.randint(2, 5)
+    elif task == "variable_tracking":
+        kwargs["num_hops"] = rng.randint(2, 5)
+        kwargs["num_chains"] = rng.randint(1, 3)
+    tokenizer = _WORKER["tokenizer"]
+    for fill in (0.96, 0.88, 0.75):  # denser text than average overflows: fill less
+        try:
+            sample = tasks.TASKS[task](_WORKER["approx"], int(length * fill) - 16, seed=seed,
+                                       data_dir=_WORKER["data_dir"], **kwargs)
+        except ValueError:  # instructions alone exceed a short bucket
+            return None
+        answer = sample.answer
+        if task == "niah_multivalue":  # scored in any order; the text's order is learnable
+            answer = sorted(answer, key=sample.prompt.index)
+        prompt = tokenizer.encode(sample.prompt)
+        answer_ids = tokenizer.encode(answer_text(answer), add_special_tokens=False)
+        ids = prompt + answer_ids + [tokenizer.eos_token_id]
+        if len(ids) <= length:
+            return ids, len(prompt)
+    return None
+
+
+def chars_per_token(tokenizer: Any, data_dir: Path) -> float:
+    """Characters per token of the haystack text, from a sample of sentences."""
+    path = data_dir / tasks.MULTI_NEWS
+    sentences = tasks._multi_news_sentences(path) if path.is_file() else ["The council met."]
+    text = " ".join(sentences[:2000])
+    return len(text) / len(tokenizer.encode(text, add_special_tokens=False))
+
+
+# ----------------------------------------------------------------------------- weights
+def quantize_int8(state: dict[str, Any]) -> dict[str, Any]:
+    """Matrices to int8 rows with one fp16 scale each (``name`` + ``.scale``); vectors fp16."""
+    import torch
+
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().float().cpu()
+        if tensor.dim() == 2:
+            scale = tensor.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            out[name] = torch.round(tensor / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            out[name + ".scale"] = scale.half()
+        else:
+            out[name] = tensor.half()
+    return out
+
+
+def dequantize_int8(tensors: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """Inverse of :func:`quantize_int8` (up to the rounding), in ``dtype``."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".scale"):
+            continue
+        scale = tensors.get(name + ".scale")
+        value = tensor.float() * scale.float()[:, None] if scale is not None else tensor.float()
+        out[name] = value.to(dtype).contiguous()
+    return out
+
+
+def load_model(model_dir: Path, device: str, dtype: Any) -> Any:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                            attn_implementation="sdpa").to(device).eval()
+
+
+# ----------------------------------------------------------------------------- training
+def _loss(model: Any, batch: Any, answer_mask: Any, valid: Any, text_weight: float) -> Any:
+    """Mean next-token loss on the answers plus ``text_weight`` x mean loss on the prompts.
+
+    The answers are a few dozen of a prompt's thousands of tokens; weighting the two means
+    separately keeps retrieval from drowning in language modelling of the haystack.
+    """
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch[:, :-1]).logits.float()
+    losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+    target_answer = answer_mask[:, 1:]
+    target_text = valid[:, 1:] & ~target_answer
+    answer_loss = losses[target_answer].mean()
+    text_loss = losses[target_text].mean()
+    return answer_loss + text_weight * text_loss, answer_loss.detach(), text_loss.detach()
+
+
+def _specs(rng: random.Random, length: int, count: int) -> list[tuple[str, int, int]]:
+    names = list(tasks.TASKS)
+    return [(rng.choice(names), length, TRAIN_SEED_BASE + rng.randrange(1 << 40))
+            for _ in range(count)]
+
+
+def _bucket(rng: random.Random, progress: float) -> int:
+    """Short prompts first (the skill is learnt where it is cheap), then every length."""
+    buckets = BUCKETS[:3] if progress < 0.1 else BUCKETS
+    return rng.choice(buckets)
+
+
+def train(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    asset, data_dir = Path(args.asset), Path(args.data_dir)
+    tokenizer = load_tokenizer(asset)
+    config = LlamaConfig.from_pretrained(asset)
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlamaForCausalLM(config).to(device)
+    model.config._attn_implementation = "sdpa"
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=0.1, fused=device == "cuda")
+    cpt = chars_per_token(tokenizer, data_dir)
+    pool = multiprocessing.get_context("spawn").Pool(
+        args.workers, initializer=_init_worker, initargs=(str(asset), str(data_dir), cpt))
+    rng = random.Random(args.seed)
+    deadline = time.monotonic() + 60 * args.minutes
+    start = time.monotonic()
+    pending: collections.deque = collections.deque()
+
+    def submit(progress: float) -> None:
+        length = min(_bucket(rng, progress), args.max_len)
+        count = max(1, args.tokens_per_step // length)
+        pending.append((length, pool.map_async(make_example, _specs(rng, length, count * 5 // 4))))
+
+    for _ in range(args.prefetch):
+        submit(0.0)
+    step, seen_tokens, log = 0, 0, []
+    model.train()
+    while time.monotonic() < deadline:
+        progress = (time.monotonic() - start) / (deadline - start)
+        length, result = pending.popleft()
+        submit(progress)
+        examples = [e for e in result.get() if e is not None][: max(1, args.tokens_per_step // length)]
+        batch = torch.full((len(examples), length), tokenizer.pad_token_id, dtype=torch.long)
+        answer_mask = torch.zeros_like(batch, dtype=torch.bool)
+        valid = torch.zeros_like(answer_mask)
+        for row, (ids, answer_start) in enumerate(examples):
+            batch[row, : len(ids)] = torch.tensor(ids)
+            answer_mask[row, answer_start : len(ids)] = True
+            valid[row, : len(ids)] = True
+        batch, answer_mask, valid = (t.to(device, non_blocking=True)
+                                     for t in (batch, answer_mask, valid))
+        warmup = min(1.0, (step + 1) / args.warmup_steps)
+        lr = args.lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss, answer_loss, text_loss = _loss(model, batch, answer_mask, valid,
+                                                 args.text_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        seen_tokens += int(valid.sum())
+        if step % args.log_every == 0:
+            entry = {"step": step, "s": round(time.monotonic() - start, 1), "len": length,
+                     "tokens": seen_tokens, "lr": round(lr, 6),
+                     "answer_loss": round(float(answer_loss), 4),
+                     "text_loss": round(float(text_loss), 4)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    pool.terminate()
+    print(f"trained {step} steps, {seen_tokens / 1e6:.1f}M tokens in "
+          f"{time.monotonic() - start:.0f} s", flush=True)
+    export(model, asset, Path(args.model_dir))
+    (Path(args.model_dir) / "training-log.json").write_text(json.dumps(log) + "\n")
+    evaluate(Path(args.model_dir), data_dir, args.eval_lengths, args.eval_seeds)
+
+
+def export(model: Any, asset: Path, model_dir: Path) -> None:
+    """Write the shipped int8 weights into ``asset`` and the HF model built from them."""
+    from safetensors.torch import save_file
+
+    from benchmarks.accuracy.real_model import build_retriever
+
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(quantize_int8(state), str(asset / WEIGHTS_FILE))
+    build_retriever(model_dir, asset=asset, force=True)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate(model_dir: Path, data_dir: Path, lengths: list[int], seeds: int) -> dict:
+    """Greedy exact match with full KV in transformers on held-out seeds (a quick check;
+    the harness measures through vLLM)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    scores: dict[str, list[float]] = collections.defaultdict(list)
+    for task, generate in tasks.TASKS.items():
+        for length in lengths:
+            for seed in range(seeds):
+                sample = generate(tokenizer, length - 48, depth=(seed % 5 + 0.5) / 5,
+                                  seed=seed, data_dir=data_dir)
+                ids = torch.tensor([tokenizer.encode(sample.prompt)], device=device)
+                with torch.no_grad():
+                    out = model.generate(ids, max_new_tokens=40, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                scores[f"{task}@{length}"].append(tasks.score_exact_match(reply, sample.answer))
+    summary = {key: sum(v) / len(v) for key, v in scores.items()}
+    summary["mean"] = sum(summary.values()) / len(summary)
+    print("EVAL " + json.dumps(summary), flush=True)
+    (model_dir / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    tok = sub.add_parser("tokenizer", help="train the tokenizer, write config + tokenizer")
+    tok.add_argument("--asset", default=str(ASSET_DIR))
+    tok.add_argument("--data-dir", default=str(tasks.DEFAULT_DATA_DIR))
+    tr = sub.add_parser("train", help="train the model, write the int8 weights")
+    tr.add_argument("--asset", default=str(ASSET_DIR))
+    tr.add_argument("--data-dir", default=str(tasks.DEFAULT_DATA_DIR))
+    tr.add_argument("--model-dir", default="/tmp/fastkv-retriever")
+    tr.add_argument("--minutes", type=float, default=7.0)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--warmup-steps", type=int, default=100)
+    tr.add_argument("--text-weight", type=float, default=0.3)
+    tr.add_argument("--tokens-per-step", type=int, default=TOKENS_PER_STEP)
+    tr.add_argument("--max-len", type=int, default=max(BUCKETS))
+    tr.add_argument("--workers", type=int, default=12)
+    tr.add_argument("--prefetch", type=int, default=6)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--log-every", type=int, default=25)
+    tr.add_argument("--eval-lengths", type=int, nargs="+", default=[2048, 8192, 16384])
+    tr.add_argument("--eval-seeds", type=int, default=5)
+    ev = sub.add_parser("eval", help="quick full-KV check of a built model directory")
+    ev.add_argument("--model-dir", default="/tmp/fastkv-retriever")
+    ev.add_argument("--data-dir", default=str(tasks.DEFAULT_DATA_DIR))
+    ev.add_argument("--eval-lengths", type=int, nargs="+", default=[2048, 8192])
+    ev.add_argument("--eval-seeds", type=int, default=5)
+    args = p.parse_args()
+    if args.command == "tokenizer":
+        build_tokenizer(Path(args.asset), Path(args.data_dir))
+    elif args.command == "train":
+        train(args)
+    else:
+        evaluate(Path(args.model_dir), Path(args.data_dir), args.eval_lengths, args.eval_seeds)
+
+
+if __name__ == "__main__":
+    main()
