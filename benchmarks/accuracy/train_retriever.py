@@ -97,8 +97,12 @@ def build_tokenizer(asset: Path, data_dir: Path) -> Any:
     )  # fmt: skip
     asset.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(asset)
-    config = {**MODEL_CONFIG, "bos_token_id": bos_id, "eos_token_id": tokenizer.token_to_id(EOS),
-              "pad_token_id": tokenizer.token_to_id(PAD)}
+    config = {
+        **MODEL_CONFIG,
+        "bos_token_id": bos_id,
+        "eos_token_id": tokenizer.token_to_id(EOS),
+        "pad_token_id": tokenizer.token_to_id(PAD),
+    }
     (asset / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return fast
 
@@ -172,8 +176,13 @@ def make_example(spec: tuple[str, int, int]) -> tuple[list[int], int] | None:
     tokenizer = _WORKER["tokenizer"]
     for fill in (0.96, 0.88, 0.75):  # denser text than average overflows: fill less
         try:
-            sample = tasks.TASKS[task](_WORKER["approx"], int(length * fill) - 16, seed=seed,
-                                       data_dir=_WORKER["data_dir"], **kwargs)
+            sample = tasks.TASKS[task](
+                _WORKER["approx"],
+                int(length * fill) - 16,
+                seed=seed,
+                data_dir=_WORKER["data_dir"],
+                **kwargs,
+            )
         except ValueError:  # instructions alone exceed a short bucket
             return None
         answer = sample.answer
@@ -227,8 +236,11 @@ def dequantize_int8(tensors: dict[str, Any], dtype: Any) -> dict[str, Any]:
 def load_model(model_dir: Path, device: str, dtype: Any) -> Any:
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                            attn_implementation="sdpa").to(device).eval()
+    return (
+        LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        .to(device)
+        .eval()
+    )
 
 
 # ----------------------------------------------------------------------------- training
@@ -251,8 +263,9 @@ def _loss(model: Any, batch: Any, answer_mask: Any, valid: Any, text_weight: flo
 
 def _specs(rng: random.Random, length: int, count: int) -> list[tuple[str, int, int]]:
     names = list(tasks.TASKS)
-    return [(rng.choice(names), length, TRAIN_SEED_BASE + rng.randrange(1 << 40))
-            for _ in range(count)]
+    return [
+        (rng.choice(names), length, TRAIN_SEED_BASE + rng.randrange(1 << 40)) for _ in range(count)
+    ]
 
 
 def _bucket(rng: random.Random, progress: float) -> int:
@@ -273,11 +286,13 @@ def train(args: argparse.Namespace) -> None:
     model = LlamaForCausalLM(config).to(device)
     model.config._attn_implementation = "sdpa"
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=0.1, fused=device == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device == "cuda"
+    )
     cpt = chars_per_token(tokenizer, data_dir)
     pool = multiprocessing.get_context("spawn").Pool(
-        args.workers, initializer=_init_worker, initargs=(str(asset), str(data_dir), cpt))
+        args.workers, initializer=_init_worker, initargs=(str(asset), str(data_dir), cpt)
+    )
     rng = random.Random(args.seed)
     deadline = time.monotonic() + 60 * args.minutes
     start = time.monotonic()
@@ -296,7 +311,8 @@ def train(args: argparse.Namespace) -> None:
         progress = (time.monotonic() - start) / (deadline - start)
         length, result = pending.popleft()
         submit(progress)
-        examples = [e for e in result.get() if e is not None][: max(1, args.tokens_per_step // length)]
+        rows = max(1, args.tokens_per_step // length)
+        examples = [e for e in result.get() if e is not None][:rows]
         batch = torch.full((len(examples), length), tokenizer.pad_token_id, dtype=torch.long)
         answer_mask = torch.zeros_like(batch, dtype=torch.bool)
         valid = torch.zeros_like(answer_mask)
@@ -304,15 +320,15 @@ def train(args: argparse.Namespace) -> None:
             batch[row, : len(ids)] = torch.tensor(ids)
             answer_mask[row, answer_start : len(ids)] = True
             valid[row, : len(ids)] = True
-        batch, answer_mask, valid = (t.to(device, non_blocking=True)
-                                     for t in (batch, answer_mask, valid))
+        batch, answer_mask, valid = (
+            t.to(device, non_blocking=True) for t in (batch, answer_mask, valid)
+        )
         warmup = min(1.0, (step + 1) / args.warmup_steps)
         lr = args.lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss, answer_loss, text_loss = _loss(model, batch, answer_mask, valid,
-                                                 args.text_weight)
+            loss, answer_loss, text_loss = _loss(model, batch, answer_mask, valid, args.text_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -320,15 +336,23 @@ def train(args: argparse.Namespace) -> None:
         step += 1
         seen_tokens += int(valid.sum())
         if step % args.log_every == 0:
-            entry = {"step": step, "s": round(time.monotonic() - start, 1), "len": length,
-                     "tokens": seen_tokens, "lr": round(lr, 6),
-                     "answer_loss": round(float(answer_loss), 4),
-                     "text_loss": round(float(text_loss), 4)}
+            entry = {
+                "step": step,
+                "s": round(time.monotonic() - start, 1),
+                "len": length,
+                "tokens": seen_tokens,
+                "lr": round(lr, 6),
+                "answer_loss": round(float(answer_loss), 4),
+                "text_loss": round(float(text_loss), 4),
+            }
             log.append(entry)
             print(json.dumps(entry), flush=True)
     pool.terminate()
-    print(f"trained {step} steps, {seen_tokens / 1e6:.1f}M tokens in "
-          f"{time.monotonic() - start:.0f} s", flush=True)
+    print(
+        f"trained {step} steps, {seen_tokens / 1e6:.1f}M tokens in "
+        f"{time.monotonic() - start:.0f} s",
+        flush=True,
+    )
     export(model, asset, Path(args.model_dir))
     (Path(args.model_dir) / "training-log.json").write_text(json.dumps(log) + "\n")
     evaluate(Path(args.model_dir), data_dir, args.eval_lengths, args.eval_seeds)
@@ -358,13 +382,15 @@ def evaluate(model_dir: Path, data_dir: Path, lengths: list[int], seeds: int) ->
     for task, generate in tasks.TASKS.items():
         for length in lengths:
             for seed in range(seeds):
-                sample = generate(tokenizer, length - 48, depth=(seed % 5 + 0.5) / 5,
-                                  seed=seed, data_dir=data_dir)
+                sample = generate(
+                    tokenizer, length - 48, depth=(seed % 5 + 0.5) / 5, seed=seed, data_dir=data_dir
+                )
                 ids = torch.tensor([tokenizer.encode(sample.prompt)], device=device)
                 with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=40, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
-                reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                    out = model.generate(
+                        ids, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                    )
+                reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
                 scores[f"{task}@{length}"].append(tasks.score_exact_match(reply, sample.answer))
     summary = {key: sum(v) / len(v) for key, v in scores.items()}
     summary["mean"] = sum(summary.values()) / len(summary)
