@@ -171,11 +171,14 @@ def _dense_attention(query, keys, values, scale):
     return torch.einsum("hs,hsd->hd", probs, v)
 
 
+@pytest.mark.parametrize("splits", [None, 1, 7], ids=lambda s: f"splits{s}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}bit-h{c[1]}-d{c[2]}-b{c[3]}")
-def test_packed_decode_attention(case, paged_kv, device, poison_empty):
+def test_packed_decode_attention(case, splits, paged_kv, device, poison_empty):
     """Triton vs reference over rows with 0, 1 or 2 packed pages and ragged full-precision
-    tails; rows without pages keep what the output held; the reference itself equals
-    dense attention over the dequantised pages plus the full-precision tokens."""
+    tails, with the tiles split over 1, the default or 7 programs (more splits than a row
+    has tiles: some splits find none); rows without pages keep what the output held; the
+    reference itself equals dense attention over the dequantised pages plus the
+    full-precision tokens."""
     bits, heads, head_dim, block_size, value_group, dtype = case
     layout_probe = LowBitLayout.for_cache(
         torch.empty(1, block_size, heads, head_dim, dtype=dtype), bits, value_group
@@ -197,7 +200,8 @@ def test_packed_decode_attention(case, paged_kv, device, poison_empty):
     scale = head_dim**-0.5
     args = (query, paged.key_cache, paged.value_cache, paged.block_table, qsl, lens, packed)
     marker = torch.full_like(query, 7.0)
-    out = packed_decode_attention(*args, marker.clone(), scale=scale, layout=layout)
+    out = packed_decode_attention(*args, marker.clone(), scale=scale, layout=layout,
+                                  splits=splits)
     ref = packed_decode_attention_ref(*args, marker.clone(), scale=scale, layout=layout)
     rows = [2 * i for i, n in enumerate(pages_per_row) if n]
     assert (out[4] == 7.0).all() and (ref[4] == 7.0).all()  # row 2: no pages

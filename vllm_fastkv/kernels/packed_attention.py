@@ -14,6 +14,14 @@ length cut to one token, so it reads almost nothing for it) and then this kernel
 overwrites the packed rows' outputs. Rows with no packed page are skipped inside the
 kernel, so the grid depends only on the batch size: CUDA graphs capture it once.
 
+A decode batch has few (row, KV head) pairs, fewer than a GPU's multiprocessors at batch
+16 with 8 KV heads, and one program walking a 32K-token row's retained pages tile by tile
+is bound by the latency of each step, not by bandwidth. So the work is split over the
+sequence as in flash-decoding: ``splits`` programs per (row, KV head) take every
+``splits``-th tile (packed block or full-precision block: strided, so the splits stay
+balanced whatever the mix), each leaves its running max, normaliser and unnormalised
+output in a scratch buffer, and a second launch merges them.
+
 Semantics: :func:`vllm_fastkv.kernels.reference.packed_decode_attention_ref`.
 """
 
@@ -59,20 +67,22 @@ def _unpack(words, shifts, BITS: tl.constexpr):
 @triton.jit
 def _packed_decode_kernel(
     query_ptr, key_ptr, value_ptr, words_ptr, halves_ptr, block_table_ptr, qsl_ptr,
-    seq_lens_ptr, packed_ptr, out_ptr,
-    stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+    seq_lens_ptr, packed_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+    stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_bt, page_words, group, qk_scale,
+    stride_bt, page_words, group, num_q_heads, qk_scale,
     BITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, VGROUP: tl.constexpr,
     NUM_HEADS: tl.constexpr, R: tl.constexpr, HEAD_WORDS: tl.constexpr,
     VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr,
     VALUE_SCALE: tl.constexpr, VALUE_MIN: tl.constexpr, G_PAD: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program (row, KV head): the row's decode query heads of this KV head."""
+    """Program (row, KV head, split): that split's tiles of the row for the KV head's query
+    heads; writes the partial max / sum / output of each query head."""
     row = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     num_pages = tl.load(packed_ptr + row)
     if num_pages > 0:
         PER_WORD: tl.constexpr = 32 // BITS
@@ -95,30 +105,32 @@ def _packed_decode_kernel(
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, DIM], tl.float32)
         all_valid = tok >= 0
-        for k in range(0, num_pages):
-            page = tl.load(row_ptr + k * R).to(tl.int64)
-            for r in range(0, R):
-                base = page * page_words + (r * NUM_HEADS + h) * HEAD_WORDS
-                half = 2 * base
-                # Keys, transposed: [DIM, BLOCK], per-channel scale and minimum.
-                k_words = tl.load(words_ptr + base + dim[:, None] * KEY_WORDS
-                                  + tl.arange(0, KEY_WORDS)[None, :])
-                k_t = _unpack(k_words, shifts, BITS).to(tl.float32)
-                k_scale = tl.load(halves_ptr + half + KEY_SCALE + dim).to(tl.float32)
-                k_min = tl.load(halves_ptr + half + KEY_MIN + dim).to(tl.float32)
-                k_t = k_t * k_scale[:, None] + k_min[:, None]
-                # Values: [BLOCK, DIM], per-token, per-channel-group scale and minimum.
-                v_words = tl.load(words_ptr + base + VALUE_CODES + tok[:, None] * VALUE_WORDS
-                                  + tl.arange(0, VALUE_WORDS)[None, :])
-                v = tl.reshape(_unpack(v_words, shifts, BITS).to(tl.float32),
-                               [BLOCK, NG, VGROUP])
-                grp = tok[:, None] * NG + tl.arange(0, NG)[None, :]
-                v_scale = tl.load(halves_ptr + half + VALUE_SCALE + grp).to(tl.float32)
-                v_min = tl.load(halves_ptr + half + VALUE_MIN + grp).to(tl.float32)
-                v = tl.reshape(v * v_scale[:, :, None] + v_min[:, :, None], [BLOCK, DIM])
-                m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
-                                        all_valid, DOT_PRECISION)
-        for start in range(num_pages * R * BLOCK, seq_len, BLOCK):
+        # Packed tiles: block r of page k is tile k * R + r.
+        for tile in range(split, num_pages * R, SPLITS):
+            page = tl.load(row_ptr + (tile // R) * R).to(tl.int64)
+            base = page * page_words + ((tile % R) * NUM_HEADS + h) * HEAD_WORDS
+            half = 2 * base
+            # Keys, transposed: [DIM, BLOCK], per-channel scale and minimum.
+            k_words = tl.load(words_ptr + base + dim[:, None] * KEY_WORDS
+                              + tl.arange(0, KEY_WORDS)[None, :])
+            k_t = _unpack(k_words, shifts, BITS).to(tl.float32)
+            k_scale = tl.load(halves_ptr + half + KEY_SCALE + dim).to(tl.float32)
+            k_min = tl.load(halves_ptr + half + KEY_MIN + dim).to(tl.float32)
+            k_t = k_t * k_scale[:, None] + k_min[:, None]
+            # Values: [BLOCK, DIM], per-token, per-channel-group scale and minimum.
+            v_words = tl.load(words_ptr + base + VALUE_CODES + tok[:, None] * VALUE_WORDS
+                              + tl.arange(0, VALUE_WORDS)[None, :])
+            v = tl.reshape(_unpack(v_words, shifts, BITS).to(tl.float32),
+                           [BLOCK, NG, VGROUP])
+            grp = tok[:, None] * NG + tl.arange(0, NG)[None, :]
+            v_scale = tl.load(halves_ptr + half + VALUE_SCALE + grp).to(tl.float32)
+            v_min = tl.load(halves_ptr + half + VALUE_MIN + grp).to(tl.float32)
+            v = tl.reshape(v * v_scale[:, :, None] + v_min[:, :, None], [BLOCK, DIM])
+            m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
+                                    all_valid, DOT_PRECISION)
+        # Full-precision blocks after the packed pages, the same split's share of them.
+        first = num_pages * R * BLOCK + split * BLOCK
+        for start in range(first, seq_len, SPLITS * BLOCK):
             block = tl.load(row_ptr + start // BLOCK).to(tl.int64)
             valid = start + tok < seq_len
             k_t = tl.load(key_ptr + block * stride_kb + tok[None, :] * stride_ks
@@ -129,9 +141,59 @@ def _packed_decode_kernel(
                         mask=valid[:, None], other=0.0)
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
                                     valid, DOT_PRECISION)
-        out = acc / l_i[:, None]
+        # Scratch [rows, num_q_heads, SPLITS] (+ [DIM]); a split without tiles leaves
+        # max -1e30, sum 0, output 0, which the merge weighs by 0.
+        part = (row.to(tl.int64) * num_q_heads + heads) * SPLITS + split
+        tl.store(part_max_ptr + part, m_i, mask=m < group)
+        tl.store(part_sum_ptr + part, l_i, mask=m < group)
+        tl.store(part_acc_ptr + part[:, None] * DIM + dim[None, :], acc, mask=q_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    packed_ptr, qsl_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
+    stride_ot, stride_oh, stride_od, group, num_q_heads,
+    DIM: tl.constexpr, G_PAD: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Program (row, KV head): softmax-merge the splits' partial outputs of its heads."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    if tl.load(packed_ptr + row) > 0:
+        token = tl.load(qsl_ptr + row).to(tl.int64)
+        m = tl.arange(0, G_PAD)
+        dim = tl.arange(0, DIM)
+        heads = h * group + m
+        head_mask = m < group
+        base = (row.to(tl.int64) * num_q_heads + heads) * SPLITS
+        m_all = tl.full([G_PAD], -1e30, tl.float32)
+        for split in range(0, SPLITS):
+            m_all = tl.maximum(m_all, tl.load(part_max_ptr + base + split, mask=head_mask,
+                                              other=-1e30))
+        l_all = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, DIM], tl.float32)
+        for split in range(0, SPLITS):
+            weight = tl.exp2(tl.load(part_max_ptr + base + split, mask=head_mask,
+                                     other=-1e30) - m_all)
+            l_all += weight * tl.load(part_sum_ptr + base + split, mask=head_mask, other=0.0)
+            acc += weight[:, None] * tl.load(
+                part_acc_ptr + (base + split)[:, None] * DIM + dim[None, :],
+                mask=head_mask[:, None], other=0.0,
+            )  # fmt: skip
+        out = acc / tl.where(head_mask, l_all, 1.0)[:, None]
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
-                 + dim[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+                 + dim[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+                 mask=head_mask[:, None])
+
+
+def decode_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits per (row, KV head): enough programs for ~4 per multiprocessor, at most 16.
+
+    Depends on the batch size only, so a CUDA graph captured for a batch size keeps it.
+    """
+    if device.type != "cuda":
+        return 2  # the interpreter: exercise the split and merge, cheaply
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, triton.cdiv(4 * sms, rows * num_kv_heads)))
 
 
 def packed_decode_attention(
@@ -146,6 +208,7 @@ def packed_decode_attention(
     *,
     scale: float,
     layout: LowBitLayout,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of the rows with packed pages, written into ``output``.
 
@@ -161,9 +224,11 @@ def packed_decode_attention(
             row is left untouched).
         scale: softmax scale.
         layout: the packed layout of the cache's pages.
+        splits: programs per (row, KV head); default :func:`decode_splits`.
 
-    The grid is ``rows x num_kv_heads`` whatever the packed rows are, so the launch can
-    be captured in a CUDA graph and replayed with other lengths and page counts.
+    The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
+    launches can be captured in a CUDA graph and replayed with other lengths and page
+    counts.
     """
     check_kernel_layout(layout)
     rows = seq_lens.shape[0]
@@ -173,20 +238,30 @@ def packed_decode_attention(
     group = num_q_heads // layout.num_kv_heads
     words, halves = page_views(key_cache)
     key_scale, key_min, value_scale, value_min = layout.scale_offsets()
+    splits = splits or decode_splits(rows, layout.num_kv_heads, query.device)
+    part_max = torch.empty(rows, num_q_heads, splits, dtype=torch.float32, device=query.device)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty(rows, num_q_heads, splits, layout.head_dim, dtype=torch.float32,
+                           device=query.device)  # fmt: skip
+    g_pad = max(triton.next_power_of_2(group), _MIN_DOT_ROWS)
     # On GPUs the dots run in the cache's dtype (fp32 accumulation), like FlashAttention;
     # Triton's CPU interpreter mis-multiplies bf16 operands produced in registers, so
     # there (and for fp32 caches) they run in fp32.
     dot_dtype = _DOT_DTYPES.get(key_cache.dtype) if key_cache.is_cuda else None
-    _packed_decode_kernel[(rows, layout.num_kv_heads)](
+    _packed_decode_kernel[(rows, layout.num_kv_heads, splits)](
         query, key_cache, value_cache, words, halves, block_table, query_start_loc, seq_lens,
-        packed_pages, output,
-        *query.stride(), *output.stride(), *key_cache.stride(), *value_cache.stride(),
-        block_table.stride(0), words.shape[1], group, scale * math.log2(math.e),
+        packed_pages, part_max, part_sum, part_acc,
+        *query.stride(), *key_cache.stride(), *value_cache.stride(),
+        block_table.stride(0), words.shape[1], group, num_q_heads, scale * math.log2(math.e),
         BITS=layout.bits, BLOCK=layout.block_size, DIM=layout.head_dim,
         VGROUP=layout.value_group, NUM_HEADS=layout.num_kv_heads, R=layout.blocks_per_page,
         HEAD_WORDS=layout.head_bytes // 4, VALUE_CODES=layout.value_codes_offset,
         KEY_SCALE=key_scale, KEY_MIN=key_min, VALUE_SCALE=value_scale, VALUE_MIN=value_min,
-        G_PAD=max(triton.next_power_of_2(group), _MIN_DOT_ROWS),
+        G_PAD=g_pad, SPLITS=splits,
         DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
+    )  # fmt: skip
+    _merge_splits_kernel[(rows, layout.num_kv_heads)](
+        packed_pages, query_start_loc, part_max, part_sum, part_acc, output,
+        *output.stride(), group, num_q_heads, DIM=layout.head_dim, G_PAD=g_pad, SPLITS=splits,
     )  # fmt: skip
     return output

@@ -1,0 +1,114 @@
+"""Decode attention over low-bit packed pages on one GPU: time per layer vs its HBM floor.
+
+    python benchmarks/bench_packed_decode.py --out packed_decode.json
+
+Needs torch and triton only. One layer of a decode step at Llama-3.1-8B head shapes
+(32 query / 8 KV heads of 128, block 16, bf16): ``--batch`` rows, each with the KV that
+retention keeps of a ``--prompt-len`` prompt (``--retain-rate``), its oldest tokens
+packed at 2 and 4 bits as the engine packs them (all but the last ``--residual`` tokens,
+in whole pages), the rest full precision. For each bit width and split count
+(``splits``: programs per (row, KV head), default the kernel's own choice) it reports the
+median time of :func:`~vllm_fastkv.kernels.packed_decode_attention` (``do_bench``, L2
+flushed), its floor (packed page bytes + full-precision tail bytes read once / measured
+copy bandwidth) and the relative error against the torch reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+import triton.testing
+
+from vllm_fastkv.kernels import pack_kv, packed_decode_attention, packed_decode_attention_ref
+from vllm_fastkv.kernels.packed_attention import decode_splits
+from vllm_fastkv.packed_layout import LowBitLayout
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def packed_batch(args: argparse.Namespace, bits: int):
+    """A batch of rows as the engine leaves them after retention and packing."""
+    gen = torch.Generator(device="cuda").manual_seed(bits)
+    kept = int(args.prompt_len * args.retain_rate)
+    blocks_per_row = triton.cdiv(kept + 1, args.block_size)
+    num_blocks = args.batch * blocks_per_row + 8
+    kv = torch.randn(num_blocks, args.block_size, args.num_kv_heads, 2 * args.head_dim,
+                     device="cuda", generator=gen).to(torch.bfloat16)  # fmt: skip
+    key_cache, value_cache = kv.split(args.head_dim, dim=-1)
+    layout = LowBitLayout.for_cache(key_cache, bits, args.value_group)
+    order = torch.randperm(num_blocks, device="cuda", generator=gen)[: args.batch * blocks_per_row]
+    block_table = order.view(args.batch, blocks_per_row).to(torch.int32)
+    pages = max(0, (kept - args.residual) // layout.page_tokens)
+    per_page = layout.blocks_per_page
+    groups = block_table[:, : pages * per_page].reshape(args.batch * pages, per_page)
+    pack_kv(key_cache, value_cache, groups.contiguous(), layout)
+    packed = torch.full((args.batch,), pages, dtype=torch.int32, device="cuda")
+    seq_lens = torch.full((args.batch,), kept + 1, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(args.batch + 1, dtype=torch.int32, device="cuda")
+    query = torch.randn(args.batch, args.num_q_heads, args.head_dim, device="cuda",
+                        generator=gen).to(torch.bfloat16)  # fmt: skip
+    inputs = (query, key_cache, value_cache, block_table, qsl, seq_lens, packed)
+    tail_tokens = kept + 1 - pages * layout.page_tokens
+    floor_bytes = args.batch * (
+        pages * per_page * layout.num_kv_heads * layout.head_bytes
+        + tail_tokens * args.num_kv_heads * args.head_dim * 2 * 2
+    )
+    return inputs, layout, pages, floor_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32768)
+    parser.add_argument("--retain-rate", type=float, default=0.1)
+    parser.add_argument("--residual", type=int, default=128)
+    parser.add_argument("--num-q-heads", type=int, default=32)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--value-group", type=int, default=32)
+    parser.add_argument("--splits", type=int, nargs="+", default=[1, 4, 8, 16])
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    default = decode_splits(args.batch, args.num_kv_heads, torch.device("cuda"))
+    rows = []
+    for bits in (2, 4):
+        inputs, layout, pages, floor_bytes = packed_batch(args, bits)
+        scale = args.head_dim**-0.5
+        ref = packed_decode_attention_ref(*inputs, torch.zeros_like(inputs[0]), scale=scale,
+                                          layout=layout).float()  # fmt: skip
+        floor_ms = floor_bytes / bandwidth * 1e3
+        for splits in sorted({*args.splits, default}):
+            out = torch.full_like(inputs[0], float("nan"))
+
+            def call(out: torch.Tensor = out, splits: int = splits) -> None:
+                packed_decode_attention(*inputs, out, scale=scale, layout=layout, splits=splits)
+
+            ms = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            rows.append({"bits": bits, "splits": splits, "default": splits == default,
+                         "pages_per_row": pages, "ms": ms, "floor_ms": floor_ms,
+                         "x_floor": ms / floor_ms, "rel_error": err})  # fmt: skip
+            print(f"{bits}-bit splits={splits:>2}{'*' if splits == default else ' '} "
+                  f"{ms * 1e3:8.1f} us  floor {floor_ms * 1e3:6.1f} us  "
+                  f"x{ms / floor_ms:6.2f}  err {err:.1e}", flush=True)  # fmt: skip
+    result = {"device": torch.cuda.get_device_name(), "config": vars(args),
+              "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}  # fmt: skip
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
