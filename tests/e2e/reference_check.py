@@ -13,7 +13,12 @@ and that decode reads exactly them at the right positions:
   within 1e-4..1e-3 of the top-k boundary, so a long prompt may keep a few different
   entries and miss now and then; a wrong cache (rows mixed up, stale graph buffers, no
   compression) misses on every step by several logits. So: every prompt's mean gap below
-  ``GPU_MEAN_GAP``, and most prompts greedy up to ``GPU_LOGIT_TOLERANCE`` on every step.
+  ``GPU_MEAN_GAP``, and most prompts greedy up to ``GPU_LOGIT_TOLERANCE`` on all but one in
+  ``GPU_MISS_EVERY`` of their steps (none in the 12-step runs). Low-bit pages widen the
+  noise: an fp16 key or value that sits near a code boundary lands on the other side of
+  it than the fp32 reference's, a whole quantisation step away, so long generations that
+  keep packing miss a few more steps; the reference with its weights rounded to fp16 (the
+  engine's precision) shows it on CPUs (``test_gpu_criterion_*`` in test_low_bit_kv.py).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ ENGINE = dict(
 )
 GPU_LOGIT_TOLERANCE = 0.5
 GPU_MEAN_GAP = 1.5
+GPU_MISS_EVERY = 20
 
 
 def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -150,14 +156,20 @@ def logit_gaps(
     return gaps
 
 
+def assert_gaps_agree(gaps: list[torch.Tensor]) -> None:
+    """The GPU criterion (module docstring) over per-prompt, per-step logit gaps."""
+    means = [round(g.mean().item(), 3) for g in gaps]
+    misses = [int((g > GPU_LOGIT_TOLERANCE).sum()) for g in gaps]
+    allowed = [len(g) // GPU_MISS_EVERY for g in gaps]
+    assert max(means) <= GPU_MEAN_GAP, (means, misses)
+    agree = sum(m <= a for m, a in zip(misses, allowed, strict=True))
+    assert agree * 2 > len(gaps), (means, misses, allowed)
+
+
 def assert_matches_reference(model_dir, prompts, settings: list[dict], tokens) -> None:
     model = load(model_dir)
     if ON_GPU:
-        gaps = logit_gaps(model, prompts, settings, tokens)
-        means = [round(g.mean().item(), 3) for g in gaps]
-        worst = [round(g.max().item(), 3) for g in gaps]
-        assert max(means) <= GPU_MEAN_GAP, (means, worst)
-        assert sum(w <= GPU_LOGIT_TOLERANCE for w in worst) * 2 > len(worst), (means, worst)
+        assert_gaps_agree(logit_gaps(model, prompts, settings, tokens))
     else:
         expected = [
             reference_tokens(model, ids, s, len(out))

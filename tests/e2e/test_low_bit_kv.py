@@ -10,7 +10,10 @@ See :mod:`tests.e2e.reference_check` for the GPU criterion (teacher forcing).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 from transformers import AutoConfig
 
 from tests.e2e.engines import generate
@@ -18,8 +21,10 @@ from tests.e2e.reference_check import (
     BLOCK,
     ENGINE,
     MAX_TOKENS,
+    assert_gaps_agree,
     assert_matches_reference,
     load,
+    logit_gaps,
     packed_layout,
     random_prompts,
     reference_tokens,
@@ -93,6 +98,26 @@ def test_low_bit_with_propagation(tiny_qwen2):
     sched = result["scheduler"]
     assert sched["propagated_prompts"] >= 3
     assert sched["free_blocks_end"] == sched["free_blocks_start"]
+
+
+def test_gpu_criterion_accepts_fp16_noise_and_rejects_a_wrong_cache(tiny_llama):
+    """The GPU criterion on CPU: the reference with its weights rounded to fp16 (an fp16
+    engine's noise, which moves a few packed codes by a whole step) agrees with the fp32
+    reference over 120 packing steps at 4 bits; tokens decoded from a cache with other
+    entries (another retain rate) do not."""
+    model = load(tiny_llama)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in noisy.parameters():
+            param.copy_(param.half().float())
+    settings = {**LOW_BIT, "kv_bits": 4}
+    prompts = random_prompts(LENGTHS, seed=6)
+    noisy_tokens = [reference_tokens(noisy, ids, settings, 120) for ids in prompts]
+    assert_gaps_agree(logit_gaps(model, prompts, [settings] * len(prompts), noisy_tokens))
+    other = {**settings, "retain_rate": 0.25}
+    wrong = [reference_tokens(model, ids, other, 120) for ids in prompts]
+    with pytest.raises(AssertionError):
+        assert_gaps_agree(logit_gaps(model, prompts, [settings] * len(prompts), wrong))
 
 
 def test_quantization_changes_the_output(tiny_llama):
