@@ -6,8 +6,9 @@ Needs torch and triton only. One layer of a decode step at Llama-3.1-8B head sha
 (32 query / 8 KV heads of 128, block 16, bf16): ``--batch`` rows, each with the KV that
 retention keeps of a ``--prompt-len`` prompt (``--retain-rate``), its oldest tokens
 packed at 2 and 4 bits as the engine packs them (all but the last ``--residual`` tokens,
-in whole pages), the rest full precision. For each bit width and split count
-(``splits``: programs per (row, KV head), default the kernel's own choice) it reports the
+in whole pages), the rest full precision. For each bit width, tile size
+(``tile_blocks``: blocks of a page attended per iteration) and split count (``splits``:
+programs per (row, KV head), ``*`` the kernel's own choice) it reports the
 median time of :func:`~vllm_fastkv.kernels.packed_decode_attention` (``do_bench``, L2
 flushed), its floor (packed page bytes + full-precision tail bytes read once / measured
 copy bandwidth) and the relative error against the torch reference.
@@ -16,6 +17,7 @@ copy bandwidth) and the relative error against the torch reference.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--value-group", type=int, default=32)
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--tile-blocks", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     default = decode_splits(args.batch, args.num_kv_heads, torch.device("cuda"))
@@ -90,20 +93,24 @@ def main() -> None:
         ref = packed_decode_attention_ref(*inputs, torch.zeros_like(inputs[0]), scale=scale,
                                           layout=layout).float()  # fmt: skip
         floor_ms = floor_bytes / bandwidth * 1e3
-        for splits in sorted({*args.splits, default}):
+        for tile_blocks, splits in itertools.product(args.tile_blocks,
+                                                     sorted({*args.splits, default})):
             out = torch.full_like(inputs[0], float("nan"))
 
-            def call(out: torch.Tensor = out, splits: int = splits) -> None:
-                packed_decode_attention(*inputs, out, scale=scale, layout=layout, splits=splits)
+            def call(out: torch.Tensor = out, splits: int = splits, tiles: int = tile_blocks):
+                packed_decode_attention(*inputs, out, scale=scale, layout=layout, splits=splits,
+                                        tile_blocks=tiles)  # fmt: skip
 
             ms = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            rows.append({"bits": bits, "splits": splits, "default": splits == default,
-                         "pages_per_row": pages, "ms": ms, "floor_ms": floor_ms,
-                         "x_floor": ms / floor_ms, "rel_error": err})  # fmt: skip
-            print(f"{bits}-bit splits={splits:>2}{'*' if splits == default else ' '} "
-                  f"{ms * 1e3:8.1f} us  floor {floor_ms * 1e3:6.1f} us  "
-                  f"x{ms / floor_ms:6.2f}  err {err:.1e}", flush=True)  # fmt: skip
+            rows.append({"bits": bits, "splits": splits, "tile_blocks": tile_blocks,
+                         "default_splits": splits == default, "pages_per_row": pages,
+                         "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
+                         "rel_error": err})  # fmt: skip
+            print(f"{bits}-bit tile_blocks={tile_blocks} splits={splits:>2}"
+                  f"{'*' if splits == default else ' '} {ms * 1e3:8.1f} us  "
+                  f"floor {floor_ms * 1e3:6.1f} us  x{ms / floor_ms:6.2f}  err {err:.1e}",
+                  flush=True)  # fmt: skip
     result = {"device": torch.cuda.get_device_name(), "config": vars(args),
               "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}  # fmt: skip
     with open(args.out, "w") as f:

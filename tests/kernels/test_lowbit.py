@@ -171,14 +171,16 @@ def _dense_attention(query, keys, values, scale):
     return torch.einsum("hs,hsd->hd", probs, v)
 
 
-@pytest.mark.parametrize("splits", [None, 1, 7], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize(("splits", "tile_blocks"), [(None, None), (1, 4), (7, 2)],
+                         ids=lambda v: f"{v}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}bit-h{c[1]}-d{c[2]}-b{c[3]}")
-def test_packed_decode_attention(case, splits, paged_kv, device, poison_empty):
+def test_packed_decode_attention(case, splits, tile_blocks, paged_kv, device, poison_empty):
     """Triton vs reference over rows with 0, 1 or 2 packed pages and ragged full-precision
-    tails, with the tiles split over 1, the default or 7 programs (more splits than a row
-    has tiles: some splits find none); rows without pages keep what the output held; the
-    reference itself equals dense attention over the dequantised pages plus the
-    full-precision tokens."""
+    tails, with the tiles split over the default, 1 or 7 programs (more splits than a row
+    has tiles: some splits find none) and tiles of the default (1), 4 or 2 blocks (pages of 2,
+    5 or 9 blocks: tile blocks past a page's end masked); rows without pages keep what the
+    output held; the reference itself equals dense attention over the dequantised pages
+    plus the full-precision tokens."""
     bits, heads, head_dim, block_size, value_group, dtype = case
     layout_probe = LowBitLayout.for_cache(
         torch.empty(1, block_size, heads, head_dim, dtype=dtype), bits, value_group
@@ -201,7 +203,7 @@ def test_packed_decode_attention(case, splits, paged_kv, device, poison_empty):
     args = (query, paged.key_cache, paged.value_cache, paged.block_table, qsl, lens, packed)
     marker = torch.full_like(query, 7.0)
     out = packed_decode_attention(*args, marker.clone(), scale=scale, layout=layout,
-                                  splits=splits)
+                                  splits=splits, tile_blocks=tile_blocks)
     ref = packed_decode_attention_ref(*args, marker.clone(), scale=scale, layout=layout)
     rows = [2 * i for i, n in enumerate(pages_per_row) if n]
     assert (out[4] == 7.0).all() and (ref[4] == 7.0).all()  # row 2: no pages
@@ -240,6 +242,7 @@ ks, km, vs, vm = layout.scale_offsets()
 shape = dict(BITS=bits, BLOCK=16, DIM=128, NUM_HEADS=8, HEAD_WORDS=layout.head_bytes // 4,
              VALUE_CODES=layout.value_codes_offset, KEY_SCALE=ks, KEY_MIN=km,
              VALUE_SCALE=vs, VALUE_MIN=vm)
+tile_blocks = int(sys.argv[2])
 kernels = [
     (quantization._pack_kernel, dict(key_ptr="*bf16", value_ptr="*bf16", src_ptr="*i32",
      stage_words_ptr="*i32", stage_halves_ptr="*fp16", count_ptr="*i32"),
@@ -248,9 +251,14 @@ kernels = [
      src_ptr="*i32", count_ptr="*i32"), dict(BLOCK=1024, HAS_COUNT=True)),
     (packed_attention._packed_decode_kernel, dict(query_ptr="*bf16", key_ptr="*bf16",
      value_ptr="*bf16", words_ptr="*i32", halves_ptr="*fp16", block_table_ptr="*i32",
-     qsl_ptr="*i32", seq_lens_ptr="*i32", packed_ptr="*i32", out_ptr="*bf16"),
-     dict(shape, VGROUP=32, R=layout.blocks_per_page, G_PAD=16, DOT_DTYPE=tl.bfloat16,
-          DOT_PRECISION="tf32")),
+     qsl_ptr="*i32", seq_lens_ptr="*i32", packed_ptr="*i32", part_max_ptr="*fp32",
+     part_sum_ptr="*fp32", part_acc_ptr="*fp32"),
+     dict(shape, VGROUP=32, R=layout.blocks_per_page, G_PAD=16, SPLITS=5,
+          TILE_BLOCKS=tile_blocks, TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
+          DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")),
+    (packed_attention._merge_splits_kernel, dict(packed_ptr="*i32", qsl_ptr="*i32",
+     part_max_ptr="*fp32", part_sum_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*bf16"),
+     dict(DIM=128, G_PAD=16, SPLITS=5)),
 ]
 for kernel, pointers, constexprs in kernels:
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
@@ -265,12 +273,12 @@ for kernel, pointers, constexprs in kernels:
 """
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_kernels_compile_for_sm90(bits):
+@pytest.mark.parametrize(("bits", "tile_blocks"), [(2, 1), (2, 4), (4, 2)])
+def test_kernels_compile_for_sm90(bits, tile_blocks):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_SM90, str(bits)],
+        [sys.executable, "-c", COMPILE_FOR_SM90, str(bits), str(tile_blocks)],
         env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count(" ok") == 3
+    assert proc.stdout.count(" ok") == 4

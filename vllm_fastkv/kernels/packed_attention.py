@@ -38,6 +38,10 @@ from vllm_fastkv.packed_layout import LowBitLayout, page_views
 
 # tl.dot needs at least 16 rows; a KV head's query group is padded to this.
 _MIN_DOT_ROWS = 16
+#: Blocks of a packed page per tile. 1 is the measured one (docs/BENCHMARKS.md, 0L);
+#: whole-page tiles (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations
+#: at twice the registers, and ``bench_packed_decode.py`` sweeps both.
+DEFAULT_TILE_BLOCKS = 1
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -76,7 +80,8 @@ def _packed_decode_kernel(
     NUM_HEADS: tl.constexpr, R: tl.constexpr, HEAD_WORDS: tl.constexpr,
     VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr,
     VALUE_SCALE: tl.constexpr, VALUE_MIN: tl.constexpr, G_PAD: tl.constexpr,
-    SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr, TILE_BLOCKS: tl.constexpr, TILES_PER_PAGE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, KV head, split): that split's tiles of the row for the KV head's query
     heads; writes the partial max / sum / output of each query head."""
@@ -104,30 +109,53 @@ def _packed_decode_kernel(
         m_i = tl.full([G_PAD], -1e30, tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, DIM], tl.float32)
-        all_valid = tok >= 0
-        # Packed tiles: block r of page k is tile k * R + r.
-        for tile in range(split, num_pages * R, SPLITS):
-            page = tl.load(row_ptr + (tile // R) * R).to(tl.int64)
-            base = page * page_words + ((tile % R) * NUM_HEADS + h) * HEAD_WORDS
-            half = 2 * base
-            # Keys, transposed: [DIM, BLOCK], per-channel scale and minimum.
-            k_words = tl.load(words_ptr + base + dim[:, None] * KEY_WORDS
-                              + tl.arange(0, KEY_WORDS)[None, :])
-            k_t = _unpack(k_words, shifts, BITS).to(tl.float32)
-            k_scale = tl.load(halves_ptr + half + KEY_SCALE + dim).to(tl.float32)
-            k_min = tl.load(halves_ptr + half + KEY_MIN + dim).to(tl.float32)
-            k_t = k_t * k_scale[:, None] + k_min[:, None]
-            # Values: [BLOCK, DIM], per-token, per-channel-group scale and minimum.
-            v_words = tl.load(words_ptr + base + VALUE_CODES + tok[:, None] * VALUE_WORDS
-                              + tl.arange(0, VALUE_WORDS)[None, :])
-            v = tl.reshape(_unpack(v_words, shifts, BITS).to(tl.float32),
-                           [BLOCK, NG, VGROUP])
-            grp = tok[:, None] * NG + tl.arange(0, NG)[None, :]
-            v_scale = tl.load(halves_ptr + half + VALUE_SCALE + grp).to(tl.float32)
-            v_min = tl.load(halves_ptr + half + VALUE_MIN + grp).to(tl.float32)
-            v = tl.reshape(v * v_scale[:, :, None] + v_min[:, :, None], [BLOCK, DIM])
+        # Packed tiles: TILE_BLOCKS consecutive blocks of one page (blocks past R masked),
+        # TILES_PER_PAGE of them per page; one tile is [DIM, TILE_BLOCKS * BLOCK] keys.
+        TILE: tl.constexpr = TILE_BLOCKS * BLOCK
+        BLOCK_WORDS: tl.constexpr = NUM_HEADS * HEAD_WORDS
+        TILE_KEY_WORDS: tl.constexpr = TILE_BLOCKS * KEY_WORDS
+        sub = tl.arange(0, TILE_BLOCKS)
+        col = tl.arange(0, TILE_KEY_WORDS)
+        col_block = col // KEY_WORDS
+        rows = tl.arange(0, TILE)
+        row_block = rows // BLOCK
+        row_tok = rows % BLOCK
+        vword = tl.arange(0, VALUE_WORDS)
+        for tile in range(split, num_pages * TILES_PER_PAGE, SPLITS):
+            page = tl.load(row_ptr + (tile // TILES_PER_PAGE) * R).to(tl.int64)
+            first_block = (tile % TILES_PER_PAGE) * TILE_BLOCKS
+            head_base = page * page_words + h * HEAD_WORDS
+            # Keys, transposed: column c is word c % KEY_WORDS of block c // KEY_WORDS's
+            # channel rows; scale and minimum per (block, channel).
+            key_valid = first_block + col_block < R
+            k_words = tl.load(words_ptr + head_base + (first_block + col_block)[None, :]
+                              * BLOCK_WORDS + dim[:, None] * KEY_WORDS
+                              + (col % KEY_WORDS)[None, :],
+                              mask=key_valid[None, :], other=0)
+            k_t = tl.reshape(_unpack(k_words, shifts, BITS).to(tl.float32),
+                             [DIM, TILE_BLOCKS, BLOCK])
+            half = 2 * (head_base + (first_block + sub) * BLOCK_WORDS)  # [TILE_BLOCKS]
+            in_page = first_block + sub < R
+            k_scale = tl.load(halves_ptr + half[None, :] + KEY_SCALE + dim[:, None],
+                              mask=in_page[None, :], other=0.0).to(tl.float32)
+            k_min = tl.load(halves_ptr + half[None, :] + KEY_MIN + dim[:, None],
+                            mask=in_page[None, :], other=0.0).to(tl.float32)
+            k_t = tl.reshape(k_t * k_scale[:, :, None] + k_min[:, :, None], [DIM, TILE])
+            # Values: row i is token i % BLOCK of block i // BLOCK; per-token group scales.
+            row_valid = first_block + row_block < R
+            v_base = head_base + (first_block + row_block) * BLOCK_WORDS
+            v_words = tl.load(words_ptr + v_base[:, None] + VALUE_CODES
+                              + row_tok[:, None] * VALUE_WORDS + vword[None, :],
+                              mask=row_valid[:, None], other=0)
+            v = tl.reshape(_unpack(v_words, shifts, BITS).to(tl.float32), [TILE, NG, VGROUP])
+            grp = 2 * v_base[:, None] + row_tok[:, None] * NG + tl.arange(0, NG)[None, :]
+            v_scale = tl.load(halves_ptr + grp + VALUE_SCALE, mask=row_valid[:, None],
+                              other=0.0).to(tl.float32)
+            v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[:, None],
+                            other=0.0).to(tl.float32)
+            v = tl.reshape(v * v_scale[:, :, None] + v_min[:, :, None], [TILE, DIM])
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
-                                    all_valid, DOT_PRECISION)
+                                    row_valid, DOT_PRECISION)
         # Full-precision blocks after the packed pages, the same split's share of them.
         first = num_pages * R * BLOCK + split * BLOCK
         for start in range(first, seq_len, SPLITS * BLOCK):
@@ -209,6 +237,7 @@ def packed_decode_attention(
     scale: float,
     layout: LowBitLayout,
     splits: int | None = None,
+    tile_blocks: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of the rows with packed pages, written into ``output``.
 
@@ -225,6 +254,10 @@ def packed_decode_attention(
         scale: softmax scale.
         layout: the packed layout of the cache's pages.
         splits: programs per (row, KV head); default :func:`decode_splits`.
+        tile_blocks: blocks of a packed page dequantised and attended as one tile (a
+            power of two; blocks past a page's end are masked; default
+            ``DEFAULT_TILE_BLOCKS``). Fewer mean more, lighter iterations (128 registers
+            a thread at 1 block, 249 at 4 for 2-bit Llama-3.1-8B heads on sm_90).
 
     The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
     launches can be captured in a CUDA graph and replayed with other lengths and page
@@ -244,6 +277,9 @@ def packed_decode_attention(
     part_acc = torch.empty(rows, num_q_heads, splits, layout.head_dim, dtype=torch.float32,
                            device=query.device)  # fmt: skip
     g_pad = max(triton.next_power_of_2(group), _MIN_DOT_ROWS)
+    tile_blocks = tile_blocks or DEFAULT_TILE_BLOCKS
+    if tile_blocks & (tile_blocks - 1):
+        raise ValueError(f"tile_blocks must be a power of two, got {tile_blocks}")
     # On GPUs the dots run in the cache's dtype (fp32 accumulation), like FlashAttention;
     # Triton's CPU interpreter mis-multiplies bf16 operands produced in registers, so
     # there (and for fp32 caches) they run in fp32.
@@ -257,7 +293,8 @@ def packed_decode_attention(
         VGROUP=layout.value_group, NUM_HEADS=layout.num_kv_heads, R=layout.blocks_per_page,
         HEAD_WORDS=layout.head_bytes // 4, VALUE_CODES=layout.value_codes_offset,
         KEY_SCALE=key_scale, KEY_MIN=key_min, VALUE_SCALE=value_scale, VALUE_MIN=value_min,
-        G_PAD=g_pad, SPLITS=splits,
+        G_PAD=g_pad, SPLITS=splits, TILE_BLOCKS=tile_blocks,
+        TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
         DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
     )  # fmt: skip
     _merge_splits_kernel[(rows, layout.num_kv_heads)](
