@@ -6,7 +6,7 @@ full KV, too weak to tell what KV compression costs. This script trains, on one 
 minutes, a Llama-architecture model (8 layers, hidden 256, 4 query / 2 KV heads of 64:
 grouped-query attention like the models FastKV targets) on the English LongBench
 ``multi_news`` text with the seeded tasks of :mod:`vllm_fastkv.reference.tasks`
-(passkey, needle-in-a-haystack variants, variable tracking) at 512-16K tokens, so that
+(passkey, needle-in-a-haystack variants, variable tracking) at 256-16K tokens, so that
 with full KV it solves them, and FastKV's accuracy is measured against a model that
 actually retrieves. Training seeds start at ``TRAIN_SEED_BASE``; evaluations use small
 seeds, so no evaluated prompt was seen in training.
@@ -46,8 +46,14 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 #: Training prompts use seeds from here on; evaluations use 0, 1, 2, ...
 TRAIN_SEED_BASE = 1_000_000
 #: Prompt lengths trained on (tokens); every step uses one, at ~TOKENS_PER_STEP tokens.
-BUCKETS = (512, 1024, 2048, 4096, 8192, 16384)
+BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 TOKENS_PER_STEP = 1 << 18
+#: Pseudo task name of the synthetic copy rows (:func:`make_copy_example`).
+COPY = "copy"
+#: Their segments draw from the ids below this: bytes (digits, letters) and early merges.
+COPY_VOCAB = 512
+#: What the loss does with each target token (the per-token ``roles`` of an example).
+TEXT, ANSWER, COPIED, IGNORED = 0, 1, 2, 3
 #: The model: small enough to train in minutes and to ship as ~8 MB of int8.
 MODEL_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -153,15 +159,23 @@ def _init_worker(asset: str, data_dir: str, chars_per_token: float) -> None:
     _WORKER["tokenizer"] = load_tokenizer(Path(asset))
     _WORKER["approx"] = _ApproxTokens(chars_per_token)
     _WORKER["data_dir"] = data_dir
+    path = Path(data_dir) / tasks.MULTI_NEWS
+    _WORKER["sentences"] = (
+        tasks._multi_news_sentences(path) if path.is_file() else ("The council met.",)
+    )
+    _WORKER["chars_per_token"] = chars_per_token
 
 
-def make_example(spec: tuple[str, int, int]) -> tuple[list[int], int] | None:
-    """``(task, length, seed)`` -> (token ids with answer and EOS, answer start) or None.
+def make_example(spec: tuple[str, int, int]) -> tuple[list[int], bytes] | None:
+    """``(task, length, seed)`` -> (token ids with answer and EOS, per-token roles) or None.
 
-    Depth, and the needle counts of the multi-needle tasks, vary with the seed around the
+    The roles are ``TEXT`` for the prompt and ``ANSWER`` for the answer and EOS. Depth,
+    and the needle counts of the multi-needle tasks, vary with the seed around the
     evaluated defaults, so the model learns the skill, not one layout.
     """
     task, length, seed = spec
+    if task == COPY:
+        return make_copy_example(length, seed)
     rng = random.Random(seed)
     kwargs: dict[str, Any] = {"depth": rng.random()}
     if task == "niah_multikey":
@@ -192,8 +206,39 @@ def make_example(spec: tuple[str, int, int]) -> tuple[list[int], int] | None:
         answer_ids = tokenizer.encode(answer_text(answer), add_special_tokens=False)
         ids = prompt + answer_ids + [tokenizer.eos_token_id]
         if len(ids) <= length:
-            return ids, len(prompt)
+            return ids, bytes([TEXT] * len(prompt) + [ANSWER] * (len(ids) - len(prompt)))
     return None
+
+
+def make_copy_example(length: int, seed: int) -> tuple[list[int], bytes]:
+    """A random-token segment, haystack text, the same segment again: the induction task.
+
+    Retrieval needs induction heads (attend to the token after an earlier occurrence of
+    the current one, copy it), and the task loss alone does not grow them: the answer is
+    a few tokens per thousands, so the run that trained on the tasks only kept its answer
+    loss at chance. The repeat of a random segment can be predicted in no other way, and
+    it is a dense signal (an eighth to a quarter of the row), so the heads need not wait
+    for the rare answer tokens; the tasks then only have to learn which span to copy. Text
+    before and between the two copies makes the copy reach over haystack text from a
+    varying distance, as retrieval does. The repeat is ``COPIED`` from its second token
+    on; the first occurrence and the repeat's first token cannot be predicted and are
+    ``IGNORED``.
+    """
+    rng = random.Random(seed)
+    tokenizer, sentences = _WORKER["tokenizer"], _WORKER["sentences"]
+    segment = [rng.randrange(3, COPY_VOCAB) for _ in range(rng.randint(length // 8, length // 4))]
+    room = length - 1 - 2 * len(segment)
+    text, index = "", rng.randrange(len(sentences))
+    while len(text) < room * _WORKER["chars_per_token"] * 1.2:
+        text += " " + sentences[index % len(sentences)]
+        index += 1
+    haystack = tokenizer.encode(text.strip(), add_special_tokens=False)[:room]
+    split = rng.randint(0, len(haystack))  # text before the segment: the copy distance varies
+    before, gap = haystack[:split], haystack[split:]
+    ids = [tokenizer.bos_token_id, *before, *segment, *gap, *segment]
+    roles = [TEXT] * (1 + len(before)) + [IGNORED] * len(segment) + [TEXT] * len(gap)
+    roles += [IGNORED] + [COPIED] * (len(segment) - 1)
+    return ids, bytes(roles)
 
 
 def chars_per_token(tokenizer: Any, data_dir: Path) -> float:
@@ -213,9 +258,11 @@ def quantize_int8(state: dict[str, Any]) -> dict[str, Any]:
     for name, tensor in state.items():
         tensor = tensor.detach().float().cpu()
         if tensor.dim() == 2:
-            scale = tensor.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-            out[name] = torch.round(tensor / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            out[name + ".scale"] = scale.half()
+            # The fp16 scale that ships is the one the codes are rounded against.
+            scale = (tensor.abs().amax(dim=1).clamp(min=1e-4) / 127.0).half()
+            codes = torch.round(tensor / scale.float()[:, None]).clamp(-127, 127)
+            out[name] = codes.to(torch.int8)
+            out[name + ".scale"] = scale
         else:
             out[name] = tensor.half()
     return out
@@ -244,34 +291,72 @@ def load_model(model_dir: Path, device: str, dtype: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- training
-def _loss(model: Any, batch: Any, answer_mask: Any, valid: Any, text_weight: float) -> Any:
-    """Mean next-token loss on the answers plus ``text_weight`` x mean loss on the prompts.
+def _loss(model: Any, batch: Any, roles: Any, text_weight: float) -> tuple[Any, Any]:
+    """Mean next-token loss on the answers, plus the same on the copied segments, plus
+    ``text_weight`` x mean loss on the prompts; and the sums and counts behind the means.
 
-    The answers are a few dozen of a prompt's thousands of tokens; weighting the two means
-    separately keeps retrieval from drowning in language modelling of the haystack.
+    The answers are a few dozen of a prompt's thousands of tokens; weighting the means
+    separately keeps retrieval from drowning in language modelling of the haystack. A
+    batch without copy rows contributes nothing to the copy mean (not a NaN).
     """
+    import torch
     import torch.nn.functional as F
 
     logits = model(input_ids=batch[:, :-1]).logits.float()
     losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-    target_answer = answer_mask[:, 1:]
-    target_text = valid[:, 1:] & ~target_answer
-    answer_loss = losses[target_answer].mean()
-    text_loss = losses[target_text].mean()
-    return answer_loss + text_weight * text_loss, answer_loss.detach(), text_loss.detach()
+    sums, counts = [], []
+    for role in (ANSWER, COPIED, TEXT):
+        mask = roles[:, 1:] == role
+        sums.append((losses * mask).sum())
+        counts.append(mask.sum())
+    sums_t, counts_t = torch.stack(sums), torch.stack(counts)
+    means = sums_t / counts_t.clamp(min=1)
+    loss = means[0] + means[1] + text_weight * means[2]
+    return loss, torch.stack([sums_t.detach(), counts_t.float()])
 
 
-def _specs(rng: random.Random, length: int, count: int) -> list[tuple[str, int, int]]:
+def _specs(
+    rng: random.Random, length: int, count: int, copy_frac: float
+) -> list[tuple[str, int, int]]:
     names = list(tasks.TASKS)
     return [
-        (rng.choice(names), length, TRAIN_SEED_BASE + rng.randrange(1 << 40)) for _ in range(count)
-    ]
+        (COPY if rng.random() < copy_frac else rng.choice(names), length,
+         TRAIN_SEED_BASE + rng.randrange(1 << 40))
+        for _ in range(count)
+    ]  # fmt: skip
 
 
-def _bucket(rng: random.Random, progress: float) -> int:
-    """Short prompts first (the skill is learnt where it is cheap), then every length."""
-    buckets = BUCKETS[:3] if progress < 0.1 else BUCKETS
-    return rng.choice(buckets)
+class Curriculum:
+    """Prompt lengths that grow with the skill: every step's length is drawn up to a
+    maximum, which doubles once the answer loss at it falls below ``grow_below``.
+
+    The answer is one span among all the prompt's tokens, so the signal that teaches
+    retrieval is weakest at long prompts: the run that mixed in 16K prompts after a
+    fixed tenth of its time never learnt to retrieve at any length. Short prompts first,
+    then each doubling only has to stretch a skill the model already has. Half the steps
+    are at the current maximum (where the skill is missing), half spread uniformly over
+    the shorter lengths (so it is kept there).
+    """
+
+    def __init__(self, lengths: list[int], grow_below: float, full_by: float) -> None:
+        self.lengths, self.grow_below, self.full_by, self.level = lengths, grow_below, full_by, 0
+
+    @property
+    def max_len(self) -> int:
+        return self.lengths[self.level]
+
+    def sample(self, rng: random.Random) -> int:
+        if self.level == 0 or rng.random() < 0.5:
+            return self.max_len
+        return rng.choice(self.lengths[: self.level])
+
+    def update(self, answer_loss_at_max: float | None, progress: float) -> None:
+        """Grow on skill, and at the latest on schedule: the longest length by
+        ``full_by`` of the run, so a run whose loss stalls still trains every length."""
+        top = len(self.lengths) - 1
+        learnt = answer_loss_at_max is not None and answer_loss_at_max < self.grow_below
+        due = min(top, int(progress / self.full_by * top)) if self.full_by > 0 else 0
+        self.level = min(top, max(self.level + learnt, due))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -293,64 +378,73 @@ def train(args: argparse.Namespace) -> None:
     pool = multiprocessing.get_context("spawn").Pool(
         args.workers, initializer=_init_worker, initargs=(str(asset), str(data_dir), cpt)
     )
+    lengths = sorted({min(b, args.max_len) for b in BUCKETS if b >= args.start_len})
+    curriculum = Curriculum(lengths, args.grow_below, args.full_length_by)
     rng = random.Random(args.seed)
     deadline = time.monotonic() + 60 * args.minutes
     start = time.monotonic()
     pending: collections.deque = collections.deque()
 
-    def submit(progress: float) -> None:
-        length = min(_bucket(rng, progress), args.max_len)
-        count = max(1, args.tokens_per_step // length)
-        pending.append((length, pool.map_async(make_example, _specs(rng, length, count * 5 // 4))))
+    def submit() -> None:
+        length = curriculum.sample(rng)
+        count = max(1, args.tokens_per_step // length) * 5 // 4
+        specs = _specs(rng, length, count, args.copy_frac)
+        pending.append((length, pool.map_async(make_example, specs)))
 
     for _ in range(args.prefetch):
-        submit(0.0)
+        submit()
     step, seen_tokens, log = 0, 0, []
+    stats: dict[int, Any] = {}  # length -> loss sums and counts since the last log
     model.train()
     while time.monotonic() < deadline:
         progress = (time.monotonic() - start) / (deadline - start)
         length, result = pending.popleft()
-        submit(progress)
+        submit()
         rows = max(1, args.tokens_per_step // length)
         examples = [e for e in result.get() if e is not None][:rows]
         batch = torch.full((len(examples), length), tokenizer.pad_token_id, dtype=torch.long)
-        answer_mask = torch.zeros_like(batch, dtype=torch.bool)
-        valid = torch.zeros_like(answer_mask)
-        for row, (ids, answer_start) in enumerate(examples):
+        roles = torch.full_like(batch, IGNORED, dtype=torch.uint8)
+        for row, (ids, example_roles) in enumerate(examples):
             batch[row, : len(ids)] = torch.tensor(ids)
-            answer_mask[row, answer_start : len(ids)] = True
-            valid[row, : len(ids)] = True
-        batch, answer_mask, valid = (
-            t.to(device, non_blocking=True) for t in (batch, answer_mask, valid)
-        )
+            roles[row, : len(ids)] = torch.frombuffer(bytearray(example_roles), dtype=torch.uint8)
+        seen_tokens += int((roles != IGNORED).sum())
+        batch, roles = batch.to(device, non_blocking=True), roles.to(device, non_blocking=True)
         warmup = min(1.0, (step + 1) / args.warmup_steps)
         lr = args.lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss, answer_loss, text_loss = _loss(model, batch, answer_mask, valid, args.text_weight)
+            loss, step_stats = _loss(model, batch, roles, args.text_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        seen_tokens += int(valid.sum())
+        stats[length] = stats[length] + step_stats if length in stats else step_stats
         if step % args.log_every == 0:
+            per_length = {n: (t[0] / t[1].clamp(min=1)).tolist() for n, t in stats.items()}
+            total = sum(stats.values())
+            answer, copied, text = (total[0] / total[1].clamp(min=1)).tolist()
             entry = {
                 "step": step,
                 "s": round(time.monotonic() - start, 1),
-                "len": length,
+                "max_len": curriculum.max_len,
                 "tokens": seen_tokens,
                 "lr": round(lr, 6),
-                "answer_loss": round(float(answer_loss), 4),
-                "text_loss": round(float(text_loss), 4),
+                "answer_loss": round(answer, 4),
+                "copy_loss": round(copied, 4),
+                "text_loss": round(text, 4),
+                "answer_by_len": {n: round(v[0], 3) for n, v in sorted(per_length.items())},
             }
             log.append(entry)
             print(json.dumps(entry), flush=True)
+            seen_at_max = curriculum.max_len in stats and float(stats[curriculum.max_len][1, 0]) > 0
+            curriculum.update(per_length[curriculum.max_len][0] if seen_at_max else None, progress)
+            stats.clear()
     pool.terminate()
     print(
         f"trained {step} steps, {seen_tokens / 1e6:.1f}M tokens in "
-        f"{time.monotonic() - start:.0f} s",
+        f"{time.monotonic() - start:.0f} s, reached {curriculum.max_len} tokens",
         flush=True,
     )
     export(model, asset, Path(args.model_dir))
@@ -414,7 +508,27 @@ def main() -> None:
     tr.add_argument("--warmup-steps", type=int, default=100)
     tr.add_argument("--text-weight", type=float, default=0.3)
     tr.add_argument("--tokens-per-step", type=int, default=TOKENS_PER_STEP)
+    tr.add_argument("--start-len", type=int, default=min(BUCKETS))
     tr.add_argument("--max-len", type=int, default=max(BUCKETS))
+    tr.add_argument(
+        "--grow-below",
+        type=float,
+        default=0.3,
+        help="double the prompt length once the answer loss at it is below this",
+    )
+    tr.add_argument(
+        "--full-length-by",
+        type=float,
+        default=0.6,
+        help="fraction of the run by which the curriculum reaches --max-len even if the "
+        "answer loss has not fallen (0: only on skill)",
+    )
+    tr.add_argument(
+        "--copy-frac",
+        type=float,
+        default=0.25,
+        help="share of training rows that are the synthetic copy task",
+    )
     tr.add_argument("--workers", type=int, default=12)
     tr.add_argument("--prefetch", type=int, default=6)
     tr.add_argument("--seed", type=int, default=0)
