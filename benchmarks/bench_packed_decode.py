@@ -23,18 +23,11 @@ import json
 import torch
 import triton
 import triton.testing
+from bench_kernels import copy_bandwidth  # the same floor as the other kernel benchmarks
 
 from vllm_fastkv.kernels import pack_kv, packed_decode_attention, packed_decode_attention_ref
 from vllm_fastkv.kernels.packed_attention import decode_splits
 from vllm_fastkv.packed_layout import LowBitLayout
-
-
-def copy_bandwidth(gib: float = 2.0) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def packed_batch(args: argparse.Namespace, bits: int):

@@ -113,10 +113,19 @@ def build_tokenizer(asset: Path, data_dir: Path) -> Any:
     return fast
 
 
+def haystack_sentences(data_dir: Path) -> tuple[str, ...]:
+    """The filler sentences the tasks draw from ``data_dir`` (LongBench ``multi_news``), or,
+    where the file is missing, as many of the tasks' own generated ones."""
+    path = data_dir / tasks.MULTI_NEWS
+    if path.is_file():
+        return tasks._multi_news_sentences(path)
+    generated = tasks._generated_sentences(random.Random(0))
+    return tuple(next(generated) for _ in range(20_000))
+
+
 def _tokenizer_corpus(data_dir: Path) -> list[str]:
     """Haystack sentences plus short task prompts (their fixed phrases become tokens)."""
-    path = data_dir / tasks.MULTI_NEWS
-    text = list(tasks._multi_news_sentences(path)) if path.is_file() else []
+    text = list(haystack_sentences(data_dir))
 
     class Chars:  # sizes prompts by characters: the tokenizer does not exist yet
         def encode(self, s: str) -> list[int]:
@@ -159,11 +168,7 @@ def _init_worker(asset: str, data_dir: str, chars_per_token: float) -> None:
     _WORKER["tokenizer"] = load_tokenizer(Path(asset))
     _WORKER["approx"] = _ApproxTokens(chars_per_token)
     _WORKER["data_dir"] = data_dir
-    path = Path(data_dir) / tasks.MULTI_NEWS
-    _WORKER["sentences"] = (
-        tasks._multi_news_sentences(path) if path.is_file() else ("The council met.",)
-    )
-    _WORKER["chars_per_token"] = chars_per_token
+    _WORKER["sentences"] = haystack_sentences(Path(data_dir))
 
 
 def make_example(spec: tuple[str, int, int]) -> tuple[list[int], bytes] | None:
@@ -229,7 +234,7 @@ def make_copy_example(length: int, seed: int) -> tuple[list[int], bytes]:
     segment = [rng.randrange(3, COPY_VOCAB) for _ in range(rng.randint(length // 8, length // 4))]
     room = length - 1 - 2 * len(segment)
     text, index = "", rng.randrange(len(sentences))
-    while len(text) < room * _WORKER["chars_per_token"] * 1.2:
+    while len(text) < room * _WORKER["approx"].chars_per_token * 1.2:
         text += " " + sentences[index % len(sentences)]
         index += 1
     haystack = tokenizer.encode(text.strip(), add_special_tokens=False)[:room]
@@ -243,9 +248,7 @@ def make_copy_example(length: int, seed: int) -> tuple[list[int], bytes]:
 
 def chars_per_token(tokenizer: Any, data_dir: Path) -> float:
     """Characters per token of the haystack text, from a sample of sentences."""
-    path = data_dir / tasks.MULTI_NEWS
-    sentences = tasks._multi_news_sentences(path) if path.is_file() else ["The council met."]
-    text = " ".join(sentences[:2000])
+    text = " ".join(haystack_sentences(data_dir)[:2000])
     return len(text) / len(tokenizer.encode(text, add_special_tokens=False))
 
 

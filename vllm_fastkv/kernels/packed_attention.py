@@ -27,6 +27,7 @@ Semantics: :func:`vllm_fastkv.kernels.reference.packed_decode_attention_ref`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -220,8 +221,13 @@ def decode_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
     """
     if device.type != "cuda":
         return 2  # the interpreter: exercise the split and merge, cheaply
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, triton.cdiv(4 * sms, rows * num_kv_heads)))
+    return max(1, min(16, triton.cdiv(4 * _sm_count(device.index), rows * num_kv_heads)))
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    """Multiprocessors of a GPU (asked once: every layer of every eager step calls)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def packed_decode_attention(
