@@ -7,8 +7,8 @@ Needs torch and triton only. One layer of a decode step at Llama-3.1-8B head sha
 retention keeps of a ``--prompt-len`` prompt (``--retain-rate``), its oldest tokens
 packed at 2 and 4 bits as the engine packs them (all but the last ``--residual`` tokens,
 in whole pages), the rest full precision. For each bit width, tile size
-(``tile_blocks``: blocks of a page attended per iteration) and split count (``splits``:
-programs per (row, KV head), ``*`` the kernel's own choice) it reports the
+(``tile_blocks``: blocks of a page attended per iteration), warps per program and split
+count (``splits``: programs per (row, KV head), ``*`` the kernel's own choice) it reports the
 median time of :func:`~vllm_fastkv.kernels.packed_decode_attention` (``do_bench``, L2
 flushed), its floor (packed page bytes + full-precision tail bytes read once / measured
 copy bandwidth) and the relative error against the torch reference.
@@ -76,31 +76,38 @@ def main() -> None:
     parser.add_argument("--value-group", type=int, default=32)
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--tile-blocks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     default = decode_splits(args.batch, args.num_kv_heads, torch.device("cuda"))
     rows = []
-    for bits in (2, 4):
+    for bits in args.bits:
         inputs, layout, pages, floor_bytes = packed_batch(args, bits)
         scale = args.head_dim**-0.5
         ref = packed_decode_attention_ref(*inputs, torch.zeros_like(inputs[0]), scale=scale,
                                           layout=layout).float()  # fmt: skip
         floor_ms = floor_bytes / bandwidth * 1e3
-        for tile_blocks, splits in itertools.product(args.tile_blocks,
-                                                     sorted({*args.splits, default})):
+        configs = itertools.product(args.tile_blocks, args.num_warps,
+                                    sorted({*args.splits, default}))  # fmt: skip
+        for tile_blocks, warps, splits in configs:
+            if tile_blocks > layout.blocks_per_page:
+                continue  # the same tile as a whole page, masked wider
             out = torch.full_like(inputs[0], float("nan"))
 
-            def call(out: torch.Tensor = out, splits: int = splits, tiles: int = tile_blocks):
+            def call(out: torch.Tensor = out, splits: int = splits, tiles: int = tile_blocks,
+                     warps: int = warps) -> None:
                 packed_decode_attention(*inputs, out, scale=scale, layout=layout, splits=splits,
-                                        tile_blocks=tiles)  # fmt: skip
+                                        tile_blocks=tiles, num_warps=warps)  # fmt: skip
 
             ms = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
             err = ((out.float() - ref).norm() / ref.norm()).item()
             rows.append({"bits": bits, "splits": splits, "tile_blocks": tile_blocks,
+                         "num_warps": warps,
                          "default_splits": splits == default, "pages_per_row": pages,
                          "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
                          "rel_error": err})  # fmt: skip
-            print(f"{bits}-bit tile_blocks={tile_blocks} splits={splits:>2}"
+            print(f"{bits}-bit tile_blocks={tile_blocks} warps={warps} splits={splits:>2}"
                   f"{'*' if splits == default else ' '} {ms * 1e3:8.1f} us  "
                   f"floor {floor_ms * 1e3:6.1f} us  x{ms / floor_ms:6.2f}  err {err:.1e}",
                   flush=True)  # fmt: skip

@@ -239,6 +239,12 @@ def run_worker(args: argparse.Namespace) -> None:
             emit(kind="profile", prompt_len=prompt_len, batch=1,
                  **profile_prefill(llm, _prompts(rng, 1, prompt_len, vocab)))
 
+    for prompt_len in args.profile_decode_lens:
+        if prompt_len + 1 <= args.max_model_len:
+            emit(kind="profile_decode", prompt_len=prompt_len, batch=args.profile_batch,
+                 **profile_decode(llm, _prompts(rng, args.profile_batch, prompt_len, vocab),
+                                  args.profile_steps))
+
     for prompt_len in args.concurrency_len:
         watcher.reset()
         prompts = _prompts(rng, args.concurrency_requests, prompt_len, vocab)
@@ -255,6 +261,36 @@ def profile_prefill(llm, prompts, top: int = 25) -> dict:
         start = time.perf_counter()
         _timed(llm, prompts, 1)
         wall_s = time.perf_counter() - start
+    return _kernel_summary(prof, wall_s, top)
+
+
+def profile_decode(llm, prompts, steps: int, top: int = 25) -> dict:
+    """The same summary for ``steps`` engine steps of a batch decoding, its prefill done
+    before the profiler starts (so only decode kernels are ranked)."""
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
+    ids = [f"profile-decode-{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
+    started: set[str] = set()
+    while len(started) < len(ids):  # every request has its first token: prefill is over
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall_s = time.perf_counter() - start
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"steps": steps, **_kernel_summary(prof, wall_s, top)}
+
+
+def _kernel_summary(prof, wall_s: float, top: int) -> dict:
+    """Wall time, GPU busy time (overlaps counted once) and the ``top`` kernels by time."""
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy_us, end_us = 0.0, float("-inf")
@@ -367,12 +403,15 @@ def run_driver(args: argparse.Namespace) -> None:
             "concurrency_requests",
             "concurrency_max_tokens",
             "stall_steps",
+            "profile_batch",
+            "profile_steps",
         ):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        for key in ("ttft_lens", "decode_lens", "batches", "concurrency_len", "profile_lens"):
-            values = getattr(args, key)
-            if values:
-                cmd += [f"--{key.replace('_', '-')}", *map(str, values)]
+        lists = ("ttft_lens", "decode_lens", "batches", "concurrency_len", "profile_lens",
+                 "profile_decode_lens")
+        for key in lists:
+            # Forwarded even when empty: a bare flag turns a measurement off in the child too.
+            cmd += [f"--{key.replace('_', '-')}", *map(str, getattr(args, key))]
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
         print(f"== {_label(run)}: {' '.join(cmd)}", flush=True)
         proc = subprocess.Popen(
@@ -443,6 +482,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency-len", type=int, nargs="*", default=[])
     parser.add_argument("--profile-lens", type=int, nargs="*", default=[])
+    parser.add_argument(
+        "--profile-decode-lens",
+        type=int,
+        nargs="*",
+        default=[],
+        help="prompt lengths whose decode steps are profiled (kernels ranked by GPU time)",
+    )
+    parser.add_argument("--profile-batch", type=int, default=16)
+    parser.add_argument("--profile-steps", type=int, default=32)
     parser.add_argument("--concurrency-requests", type=int, default=128)
     parser.add_argument("--concurrency-max-tokens", type=int, default=4096)
     parser.add_argument("--stall-steps", type=int, default=200)

@@ -43,6 +43,9 @@ _MIN_DOT_ROWS = 16
 #: whole-page tiles (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations
 #: at twice the registers, and ``bench_packed_decode.py`` sweeps both.
 DEFAULT_TILE_BLOCKS = 1
+#: Warps of a program. Whole-page tiles at 4 warps take 249 registers a thread on sm_90;
+#: 8 warps halve each thread's share of a tile (swept by ``bench_packed_decode.py``).
+DEFAULT_NUM_WARPS = 4
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -244,6 +247,7 @@ def packed_decode_attention(
     layout: LowBitLayout,
     splits: int | None = None,
     tile_blocks: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of the rows with packed pages, written into ``output``.
 
@@ -264,6 +268,7 @@ def packed_decode_attention(
             power of two; blocks past a page's end are masked; default
             ``DEFAULT_TILE_BLOCKS``). Fewer mean more, lighter iterations (128 registers
             a thread at 1 block, 249 at 4 for 2-bit Llama-3.1-8B heads on sm_90).
+        num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
 
     The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
     launches can be captured in a CUDA graph and replayed with other lengths and page
@@ -302,6 +307,7 @@ def packed_decode_attention(
         G_PAD=g_pad, SPLITS=splits, TILE_BLOCKS=tile_blocks,
         TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
         DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
+        num_warps=num_warps or DEFAULT_NUM_WARPS,
     )  # fmt: skip
     _merge_splits_kernel[(rows, layout.num_kv_heads)](
         packed_pages, query_start_loc, part_max, part_sum, part_acc, output,
