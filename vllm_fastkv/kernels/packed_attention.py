@@ -42,7 +42,7 @@ _MIN_DOT_ROWS = 16
 #: Blocks of a packed page per tile. 1 is the measured one (docs/BENCHMARKS.md, 0L);
 #: whole-page tiles (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations
 #: at twice the registers, and ``bench_packed_decode.py`` sweeps both.
-DEFAULT_TILE_BLOCKS = 1
+DEFAULT_TILE_BLOCKS = 4
 #: Warps of a program. Whole-page tiles at 4 warps take 249 registers a thread on sm_90;
 #: 8 warps halve each thread's share of a tile (swept by ``bench_packed_decode.py``).
 DEFAULT_NUM_WARPS = 4
@@ -288,7 +288,8 @@ def packed_decode_attention(
     part_acc = torch.empty(rows, num_q_heads, splits, layout.head_dim, dtype=torch.float32,
                            device=query.device)  # fmt: skip
     g_pad = max(triton.next_power_of_2(group), _MIN_DOT_ROWS)
-    tile_blocks = tile_blocks or DEFAULT_TILE_BLOCKS
+    tile_blocks = tile_blocks or min(DEFAULT_TILE_BLOCKS,
+                                     triton.next_power_of_2(layout.blocks_per_page))
     if tile_blocks & (tile_blocks - 1):
         raise ValueError(f"tile_blocks must be a power of two, got {tile_blocks}")
     # On GPUs the dots run in the cache's dtype (fp32 accumulation), like FlashAttention;
