@@ -188,8 +188,11 @@ def run_worker(args: argparse.Namespace) -> None:
 
     # Warm-up: compile paths for prefill and decode shapes, and a prompt long enough to
     # be prefilled in chunks (FASTKV's chunked-prefill path has kernels of its own).
+    # It decodes as many tokens as the decode runs do, so every decode-time path (packed
+    # pages attended, pages packed while decoding) has run once before anything is timed.
     _timed(llm, _prompts(rng, 2, min(2048, args.max_model_len // 2), vocab), 8)
-    _timed(llm, _prompts(rng, 1, min(32768, args.max_model_len - 1), vocab), 1)
+    _timed(llm, _prompts(rng, 1, min(32768, args.max_model_len - 1 - args.decode_tokens), vocab),
+           args.decode_tokens)
 
     for prompt_len in args.ttft_lens:
         if prompt_len + 1 > args.max_model_len:
@@ -243,7 +246,7 @@ def run_worker(args: argparse.Namespace) -> None:
         if prompt_len + 1 <= args.max_model_len:
             emit(kind="profile_decode", prompt_len=prompt_len, batch=args.profile_batch,
                  **profile_decode(llm, _prompts(rng, args.profile_batch, prompt_len, vocab),
-                                  args.profile_steps))
+                                  args.profile_steps, args.profile_skip))
 
     for prompt_len in args.concurrency_len:
         watcher.reset()
@@ -264,20 +267,23 @@ def profile_prefill(llm, prompts, top: int = 25) -> dict:
     return _kernel_summary(prof, wall_s, top)
 
 
-def profile_decode(llm, prompts, steps: int, top: int = 25) -> dict:
-    """The same summary for ``steps`` engine steps of a batch decoding, its prefill done
-    before the profiler starts (so only decode kernels are ranked)."""
+def profile_decode(llm, prompts, steps: int, skip: int, top: int = 25) -> dict:
+    """The same summary for ``steps`` engine steps of a batch decoding, its prefill and
+    ``skip`` further steps done before the profiler starts (so only decode kernels are
+    ranked, from the decode position that ``skip`` picks)."""
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=skip + steps + 64, ignore_eos=True)
     ids = [f"profile-decode-{i}" for i in range(len(prompts))]
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, prompt, params)
     started: set[str] = set()
     while len(started) < len(ids):  # every request has its first token: prefill is over
         started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    for _ in range(skip):
+        engine.step()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
@@ -286,7 +292,7 @@ def profile_decode(llm, prompts, steps: int, top: int = 25) -> dict:
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return {"steps": steps, **_kernel_summary(prof, wall_s, top)}
+    return {"steps": steps, "skipped_steps": skip, **_kernel_summary(prof, wall_s, top)}
 
 
 def _kernel_summary(prof, wall_s: float, top: int) -> dict:
@@ -405,6 +411,7 @@ def run_driver(args: argparse.Namespace) -> None:
             "stall_steps",
             "profile_batch",
             "profile_steps",
+            "profile_skip",
         ):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         lists = ("ttft_lens", "decode_lens", "batches", "concurrency_len", "profile_lens",
@@ -491,6 +498,8 @@ def main() -> None:
     )
     parser.add_argument("--profile-batch", type=int, default=16)
     parser.add_argument("--profile-steps", type=int, default=32)
+    parser.add_argument("--profile-skip", type=int, default=0,
+                        help="decode steps run before the decode profile starts")
     parser.add_argument("--concurrency-requests", type=int, default=128)
     parser.add_argument("--concurrency-max-tokens", type=int, default=4096)
     parser.add_argument("--stall-steps", type=int, default=200)

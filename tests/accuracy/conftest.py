@@ -12,3 +12,10 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from benchmarks.accuracy.real_model import build_smollm2
 
     return build_smollm2(tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def retriever(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from benchmarks.accuracy.real_model import build_retriever
+
+    return build_retriever(tmp_path_factory.mktemp("retriever"))

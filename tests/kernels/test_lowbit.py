@@ -178,11 +178,11 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, paged_kv,
                                  poison_empty):
     """Triton vs reference over rows with 0, 1 or 2 packed pages and ragged full-precision
     tails, with the tiles split over the default, 1 or 7 programs (more splits than a row
-    has tiles: some splits find none) and tiles of the default (1), 4 or 2 blocks (pages of 2,
-    5 or 9 blocks: tile blocks past a page's end masked), at the default, 8 or 2 warps (on a
-    GPU: other layouts of the same tiles); rows without pages keep what the
-    output held; the reference itself equals dense attention over the dequantised pages
-    plus the full-precision tokens."""
+    has tiles: some splits find none) and tiles of the default (the page, up to 4 blocks),
+    4 or 2 blocks (pages of 2, 5 or 9 blocks: tile blocks past a page's end masked), at the
+    default, 8 or 2 warps (on a GPU: other layouts of the same tiles); rows without pages
+    keep what the output held; the reference itself equals dense attention over the
+    dequantised pages plus the full-precision tokens."""
     bits, heads, head_dim, block_size, value_group, dtype = case
     layout_probe = LowBitLayout.for_cache(
         torch.empty(1, block_size, heads, head_dim, dtype=dtype), bits, value_group

@@ -39,12 +39,12 @@ from vllm_fastkv.packed_layout import LowBitLayout, page_views
 
 # tl.dot needs at least 16 rows; a KV head's query group is padded to this.
 _MIN_DOT_ROWS = 16
-#: Blocks of a packed page per tile. 1 is the measured one (docs/BENCHMARKS.md, 0L);
-#: whole-page tiles (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations
-#: at twice the registers, and ``bench_packed_decode.py`` sweeps both.
+#: Most blocks of a packed page per tile (fewer when a page has fewer). Whole-page tiles
+#: (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations at twice the
+#: registers: 130.8 us a layer against 162.6 us for 1-block tiles on an H200
+#: (docs/BENCHMARKS.md, ``bench_packed_decode.py``).
 DEFAULT_TILE_BLOCKS = 4
-#: Warps of a program. Whole-page tiles at 4 warps take 249 registers a thread on sm_90;
-#: 8 warps halve each thread's share of a tile (swept by ``bench_packed_decode.py``).
+#: Warps of a program: 8 were slower than 4 at every tile size and split count measured.
 DEFAULT_NUM_WARPS = 4
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -265,9 +265,10 @@ def packed_decode_attention(
         layout: the packed layout of the cache's pages.
         splits: programs per (row, KV head); default :func:`decode_splits`.
         tile_blocks: blocks of a packed page dequantised and attended as one tile (a
-            power of two; blocks past a page's end are masked; default
-            ``DEFAULT_TILE_BLOCKS``). Fewer mean more, lighter iterations (128 registers
-            a thread at 1 block, 249 at 4 for 2-bit Llama-3.1-8B heads on sm_90).
+            power of two; blocks past a page's end are masked; default the page's
+            blocks rounded up to a power of two, at most ``DEFAULT_TILE_BLOCKS``).
+            Fewer mean more, lighter iterations (128 registers a thread at 1 block, 249
+            at 4 for 2-bit Llama-3.1-8B heads on sm_90).
         num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
 
     The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
