@@ -42,7 +42,8 @@ _MIN_DOT_ROWS = 16
 #: Most blocks of a packed page per tile (fewer when a page has fewer). Whole-page tiles
 #: (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations at twice the
 #: registers: 130.8 us a layer against 162.6 us for 1-block tiles on an H200
-#: (docs/BENCHMARKS.md, ``bench_packed_decode.py``).
+#: (docs/BENCHMARKS.md, ``bench_packed_decode.py``; measured before the scales were
+#: loaded in the codes' layout, which took the 4-block tile from 249 to 168 registers).
 DEFAULT_TILE_BLOCKS = 4
 #: Warps of a program: 8 were slower than 4 at every tile size and split count measured.
 DEFAULT_NUM_WARPS = 4
@@ -118,7 +119,6 @@ def _packed_decode_kernel(
         TILE: tl.constexpr = TILE_BLOCKS * BLOCK
         BLOCK_WORDS: tl.constexpr = NUM_HEADS * HEAD_WORDS
         TILE_KEY_WORDS: tl.constexpr = TILE_BLOCKS * KEY_WORDS
-        sub = tl.arange(0, TILE_BLOCKS)
         col = tl.arange(0, TILE_KEY_WORDS)
         col_block = col // KEY_WORDS
         rows = tl.arange(0, TILE)
@@ -129,35 +129,35 @@ def _packed_decode_kernel(
             page = tl.load(row_ptr + (tile // TILES_PER_PAGE) * R).to(tl.int64)
             first_block = (tile % TILES_PER_PAGE) * TILE_BLOCKS
             head_base = page * page_words + h * HEAD_WORDS
-            # Keys, transposed: column c is word c % KEY_WORDS of block c // KEY_WORDS's
-            # channel rows; scale and minimum per (block, channel).
-            key_valid = first_block + col_block < R
+            # Token i of the tile is token i % BLOCK of the tile's block i // BLOCK.
+            row_valid = first_block + row_block < R
+            block_base = head_base + (first_block + row_block) * BLOCK_WORDS  # [TILE]
+            # Keys, transposed [DIM, TILE]: word c of a channel row is word c % KEY_WORDS
+            # of block c // KEY_WORDS. Scales and minimums (per block and channel) are
+            # loaded at every token of the tile, in the layout of the codes: fetched from
+            # L1 again, they need no broadcast through shared memory (on sm_90 that cost
+            # 7 barriers and an fp16 conversion per element an iteration).
             k_words = tl.load(words_ptr + head_base + (first_block + col_block)[None, :]
                               * BLOCK_WORDS + dim[:, None] * KEY_WORDS
                               + (col % KEY_WORDS)[None, :],
-                              mask=key_valid[None, :], other=0)
-            k_t = tl.reshape(_unpack(k_words, shifts, BITS).to(tl.float32),
-                             [DIM, TILE_BLOCKS, BLOCK])
-            half = 2 * (head_base + (first_block + sub) * BLOCK_WORDS)  # [TILE_BLOCKS]
-            in_page = first_block + sub < R
-            k_scale = tl.load(halves_ptr + half[None, :] + KEY_SCALE + dim[:, None],
-                              mask=in_page[None, :], other=0.0).to(tl.float32)
-            k_min = tl.load(halves_ptr + half[None, :] + KEY_MIN + dim[:, None],
-                            mask=in_page[None, :], other=0.0).to(tl.float32)
-            k_t = tl.reshape(k_t * k_scale[:, :, None] + k_min[:, :, None], [DIM, TILE])
-            # Values: row i is token i % BLOCK of block i // BLOCK; per-token group scales.
-            row_valid = first_block + row_block < R
-            v_base = head_base + (first_block + row_block) * BLOCK_WORDS
-            v_words = tl.load(words_ptr + v_base[:, None] + VALUE_CODES
+                              mask=(first_block + col_block < R)[None, :], other=0)
+            k_t = _unpack(k_words, shifts, BITS).to(tl.float32)
+            k_scale = tl.load(halves_ptr + 2 * block_base[None, :] + KEY_SCALE + dim[:, None],
+                              mask=row_valid[None, :], other=0.0).to(tl.float32)
+            k_min = tl.load(halves_ptr + 2 * block_base[None, :] + KEY_MIN + dim[:, None],
+                            mask=row_valid[None, :], other=0.0).to(tl.float32)
+            k_t = k_t * k_scale + k_min
+            # Values [TILE, DIM], group scales per token, loaded the same way.
+            v_words = tl.load(words_ptr + block_base[:, None] + VALUE_CODES
                               + row_tok[:, None] * VALUE_WORDS + vword[None, :],
                               mask=row_valid[:, None], other=0)
-            v = tl.reshape(_unpack(v_words, shifts, BITS).to(tl.float32), [TILE, NG, VGROUP])
-            grp = 2 * v_base[:, None] + row_tok[:, None] * NG + tl.arange(0, NG)[None, :]
+            v = _unpack(v_words, shifts, BITS).to(tl.float32)
+            grp = 2 * block_base[:, None] + row_tok[:, None] * NG + (dim // VGROUP)[None, :]
             v_scale = tl.load(halves_ptr + grp + VALUE_SCALE, mask=row_valid[:, None],
                               other=0.0).to(tl.float32)
             v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[:, None],
                             other=0.0).to(tl.float32)
-            v = tl.reshape(v * v_scale[:, :, None] + v_min[:, :, None], [TILE, DIM])
+            v = v * v_scale + v_min
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
                                     row_valid, DOT_PRECISION)
         # Full-precision blocks after the packed pages, the same split's share of them.
@@ -267,8 +267,8 @@ def packed_decode_attention(
         tile_blocks: blocks of a packed page dequantised and attended as one tile (a
             power of two; blocks past a page's end are masked; default the page's
             blocks rounded up to a power of two, at most ``DEFAULT_TILE_BLOCKS``).
-            Fewer mean more, lighter iterations (128 registers a thread at 1 block, 249
-            at 4 for 2-bit Llama-3.1-8B heads on sm_90).
+            Fewer mean more, lighter iterations (167 registers a thread at 1 block, 168
+            at 4 for 2-bit Llama-3.1-8B heads on sm_90, 4 warps).
         num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
 
     The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
