@@ -191,8 +191,8 @@ def run_worker(args: argparse.Namespace) -> None:
     # It decodes as many tokens as the decode runs do, so every decode-time path (packed
     # pages attended, pages packed while decoding) has run once before anything is timed.
     _timed(llm, _prompts(rng, 2, min(2048, args.max_model_len // 2), vocab), 8)
-    _timed(llm, _prompts(rng, 1, min(32768, args.max_model_len - 1 - args.decode_tokens), vocab),
-           args.decode_tokens)
+    long_len = max(1, min(32768, args.max_model_len - 1 - args.decode_tokens))
+    _timed(llm, _prompts(rng, 1, long_len, vocab), args.decode_tokens)
 
     for prompt_len in args.ttft_lens:
         if prompt_len + 1 > args.max_model_len:

@@ -40,10 +40,10 @@ from vllm_fastkv.packed_layout import LowBitLayout, page_views
 # tl.dot needs at least 16 rows; a KV head's query group is padded to this.
 _MIN_DOT_ROWS = 16
 #: Most blocks of a packed page per tile (fewer when a page has fewer). Whole-page tiles
-#: (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations at twice the
-#: registers: 130.8 us a layer against 162.6 us for 1-block tiles on an H200
-#: (docs/BENCHMARKS.md, ``bench_packed_decode.py``; measured before the scales were
-#: loaded in the codes' layout, which took the 4-block tile from 249 to 168 registers).
+#: (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations: 130.8 us a layer
+#: against 162.6 us for 1-block tiles on an H200 (docs/BENCHMARKS.md,
+#: ``bench_packed_decode.py``; measured before the scales were loaded in the codes'
+#: layout, which took the 4-block tile from 249 registers a thread to 168 on sm_90).
 DEFAULT_TILE_BLOCKS = 4
 #: Warps of a program: 8 were slower than 4 at every tile size and split count measured.
 DEFAULT_NUM_WARPS = 4
@@ -142,10 +142,10 @@ def _packed_decode_kernel(
                               + (col % KEY_WORDS)[None, :],
                               mask=(first_block + col_block < R)[None, :], other=0)
             k_t = _unpack(k_words, shifts, BITS).to(tl.float32)
-            k_scale = tl.load(halves_ptr + 2 * block_base[None, :] + KEY_SCALE + dim[:, None],
-                              mask=row_valid[None, :], other=0.0).to(tl.float32)
-            k_min = tl.load(halves_ptr + 2 * block_base[None, :] + KEY_MIN + dim[:, None],
-                            mask=row_valid[None, :], other=0.0).to(tl.float32)
+            k_halves = halves_ptr + 2 * block_base[None, :] + dim[:, None]
+            k_scale = tl.load(k_halves + KEY_SCALE, mask=row_valid[None, :],
+                              other=0.0).to(tl.float32)
+            k_min = tl.load(k_halves + KEY_MIN, mask=row_valid[None, :], other=0.0).to(tl.float32)
             k_t = k_t * k_scale + k_min
             # Values [TILE, DIM], group scales per token, loaded the same way.
             v_words = tl.load(words_ptr + block_base[:, None] + VALUE_CODES
@@ -267,8 +267,8 @@ def packed_decode_attention(
         tile_blocks: blocks of a packed page dequantised and attended as one tile (a
             power of two; blocks past a page's end are masked; default the page's
             blocks rounded up to a power of two, at most ``DEFAULT_TILE_BLOCKS``).
-            Fewer mean more, lighter iterations (167 registers a thread at 1 block, 168
-            at 4 for 2-bit Llama-3.1-8B heads on sm_90, 4 warps).
+            Fewer mean more iterations of less work each, at about the same registers
+            (167 a thread at 1 block, 168 at 4 for 2-bit Llama-3.1-8B heads on sm_90).
         num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
 
     The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
