@@ -7,11 +7,12 @@ Needs torch and triton only. One layer of a decode step at Llama-3.1-8B head sha
 retention keeps of a ``--prompt-len`` prompt (``--retain-rate``), its oldest tokens
 packed at 2 and 4 bits as the engine packs them (all but the last ``--residual`` tokens,
 in whole pages), the rest full precision. For each bit width, tile size
-(``tile_blocks``: blocks of a page attended per iteration), warps per program and split
-count (``splits``: programs per (row, KV head), ``*`` the kernel's own choice) it reports the
-median time of :func:`~vllm_fastkv.kernels.packed_decode_attention` (``do_bench``, L2
-flushed), its floor (packed page bytes + full-precision tail bytes read once / measured
-copy bandwidth) and the relative error against the torch reference.
+(``tile_blocks``: blocks of a page attended per iteration), warps per program, pipeline
+stages of the tile loop and split count (``splits``: programs per (row, KV head), ``*``
+the kernel's own choice) it reports the median time of
+:func:`~vllm_fastkv.kernels.packed_decode_attention` (``do_bench``, L2 flushed), its floor
+(packed page bytes + full-precision tail bytes read once / measured copy bandwidth) and
+the relative error against the torch reference.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import triton.testing
 from bench_kernels import copy_bandwidth  # the same floor as the other kernel benchmarks
 
 from vllm_fastkv.kernels import pack_kv, packed_decode_attention, packed_decode_attention_ref
-from vllm_fastkv.kernels.packed_attention import decode_splits
+from vllm_fastkv.kernels.packed_attention import DEFAULT_NUM_STAGES, decode_splits
 from vllm_fastkv.packed_layout import LowBitLayout
 
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--tile-blocks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--num-stages", type=int, nargs="+", default=[DEFAULT_NUM_STAGES])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
@@ -88,26 +90,28 @@ def main() -> None:
         ref = packed_decode_attention_ref(*inputs, torch.zeros_like(inputs[0]), scale=scale,
                                           layout=layout).float()  # fmt: skip
         floor_ms = floor_bytes / bandwidth * 1e3
-        configs = itertools.product(args.tile_blocks, args.num_warps,
+        configs = itertools.product(args.tile_blocks, args.num_warps, args.num_stages,
                                     sorted({*args.splits, default}))  # fmt: skip
-        for tile_blocks, warps, splits in configs:
+        for tile_blocks, warps, stages, splits in configs:
             if tile_blocks > layout.blocks_per_page:
                 continue  # the same tile as a whole page, masked wider
             out = torch.full_like(inputs[0], float("nan"))
 
             def call(out: torch.Tensor = out, splits: int = splits, tiles: int = tile_blocks,
-                     warps: int = warps) -> None:
+                     warps: int = warps, stages: int = stages) -> None:
                 packed_decode_attention(*inputs, out, scale=scale, layout=layout, splits=splits,
-                                        tile_blocks=tiles, num_warps=warps)  # fmt: skip
+                                        tile_blocks=tiles, num_warps=warps,
+                                        num_stages=stages)  # fmt: skip
 
             ms = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
             err = ((out.float() - ref).norm() / ref.norm()).item()
             rows.append({"bits": bits, "splits": splits, "tile_blocks": tile_blocks,
-                         "num_warps": warps,
+                         "num_warps": warps, "num_stages": stages,
                          "default_splits": splits == default, "pages_per_row": pages,
                          "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
                          "rel_error": err})  # fmt: skip
-            print(f"{bits}-bit tile_blocks={tile_blocks} warps={warps} splits={splits:>2}"
+            print(f"{bits}-bit tile_blocks={tile_blocks} warps={warps} stages={stages} "
+                  f"splits={splits:>2}"
                   f"{'*' if splits == default else ' '} {ms * 1e3:8.1f} us  "
                   f"floor {floor_ms * 1e3:6.1f} us  x{ms / floor_ms:6.2f}  err {err:.1e}",
                   flush=True)  # fmt: skip

@@ -7,7 +7,7 @@ while [ ! -f "$res/DONE" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 5; don
 [ -f "$res/DONE" ] && echo "session finished" || echo "session still running"
 tail -c 6000 "$res/session.log" 2>/dev/null
 mkdir -p "$OUT"
-for f in session.log pytest-gpu.log pytest-gpu.xml kernels.json kernels.log serve_bench.json device.txt; do
+for f in session.log pytest-gpu.log kernels.json kernels.log serve_bench.json accuracy.json harness.log device.txt; do
   [ -f "$res/$f" ] && cp "$res/$f" "$OUT/"
 done
 ls -la "$OUT"

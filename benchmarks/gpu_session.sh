@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU-machine job in one go, after the vLLM bundle is installed into /tmp/site
 # (see benchmarks/README.md). Writes everything under ${RESULTS:-/tmp/fastkv-results}.
-#   STAGES="tests kernels bench" TESTS="tests/kernels tests/e2e" bash benchmarks/gpu_session.sh
+#   STAGES="tests kernels bench accuracy" TESTS="tests/kernels tests/e2e" bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 res=${RESULTS:-/tmp/fastkv-results}
@@ -31,6 +31,11 @@ for stage in $stages; do
     bench)
       python3 benchmarks/serve_bench.py --out "$res/serve_bench.json" ${BENCH_ARGS:-} 2>&1 \
         | tee "$res/serve_bench.log" | grep -v "^{" ;;
+    accuracy)
+      # The trained retriever by default; HARNESS_ARGS picks methods, rates, lengths.
+      python3 -m benchmarks.accuracy.harness --out "$res/accuracy.json" \
+        ${HARNESS_ARGS:---retriever --model-dir /tmp/fastkv-retriever --dtype bfloat16 --enforce-eager} \
+        2>&1 | tee "$res/harness.log" | tail -30 ;;
   esac
 done
 echo "=== done $(date -u +%H:%M:%S)"

@@ -30,6 +30,9 @@ prompts for every measurement, so prefix caching never hides prefill):
   other measurement (the profiler slows the host): wall time, the GPU's busy time (union
   of kernel intervals, so wall minus busy is time the GPU waited on the host) and the
   kernels that took most of it, grouped by name.
+- decode profile (``--profile-decode-lens``): the same for ``--profile-steps`` engine steps
+  of a ``--profile-batch`` batch decoding, after its prefill and ``--profile-skip`` steps
+  that are timed one by one (the per-step trace behind a TPOT).
 """
 
 from __future__ import annotations
@@ -270,7 +273,12 @@ def profile_prefill(llm, prompts, top: int = 25) -> dict:
 def profile_decode(llm, prompts, steps: int, skip: int, top: int = 25) -> dict:
     """The same summary for ``steps`` engine steps of a batch decoding, its prefill and
     ``skip`` further steps done before the profiler starts (so only decode kernels are
-    ranked, from the decode position that ``skip`` picks)."""
+    ranked, from the decode position that ``skip`` picks).
+
+    The steps before the profiler are timed one by one (``prefill_step_ms``,
+    ``skip_step_ms``), without the profiler: the trace of a whole decode that a TPOT
+    averages away (a slow step every page, a one-time cost, the prefill's tail).
+    """
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
 
@@ -280,10 +288,17 @@ def profile_decode(llm, prompts, steps: int, skip: int, top: int = 25) -> dict:
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, prompt, params)
     started: set[str] = set()
+    prefill_ms: list[float] = []
     while len(started) < len(ids):  # every request has its first token: prefill is over
-        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        prefill_ms.append(round(1000 * (time.perf_counter() - t0), 2))
+        started.update(o.request_id for o in outputs if o.outputs[0].token_ids)
+    skip_ms: list[float] = []
     for _ in range(skip):
+        t0 = time.perf_counter()
         engine.step()
+        skip_ms.append(round(1000 * (time.perf_counter() - t0), 2))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
@@ -292,7 +307,8 @@ def profile_decode(llm, prompts, steps: int, skip: int, top: int = 25) -> dict:
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return {"steps": steps, "skipped_steps": skip, **_kernel_summary(prof, wall_s, top)}
+    return {"steps": steps, "skipped_steps": skip, "prefill_step_ms": prefill_ms,
+            "skip_step_ms": skip_ms, **_kernel_summary(prof, wall_s, top)}
 
 
 def _kernel_summary(prof, wall_s: float, top: int) -> dict:
@@ -460,7 +476,15 @@ def _print_table(records: list[dict]) -> None:
             f"{r.get('max_concurrent', ''):>8} {r.get('peak_decoding', ''):>8}"
         )
     for r in records:
-        if r["kind"] == "profile":
+        if r["kind"] == "profile_decode" and r["skip_step_ms"]:
+            trace = r["skip_step_ms"]
+            median = statistics.median(trace)
+            slow = [i for i, ms in enumerate(trace) if ms > 2 * median]
+            print(f"decode steps {_label(r)} {r['prompt_len']} x {r['batch']}: prefill "
+                  f"{sum(r['prefill_step_ms']):.0f} ms in {len(r['prefill_step_ms'])} steps; "
+                  f"{len(trace)} decode steps median {median} ms, max {max(trace)} ms, "
+                  f"slower than 2x median at steps {slow[:20]}")
+        if r["kind"] in ("profile", "profile_decode"):
             print(f"profile {_label(r)} {r['prompt_len']}: wall {r['wall_ms']} ms, "
                   f"GPU busy {r['gpu_busy_ms']} ms of a {r['gpu_span_ms']} ms span")
             for k in r["kernels"][:15]:

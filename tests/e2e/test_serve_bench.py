@@ -40,3 +40,5 @@ def test_serve_bench_records_every_kind(tmp_path):
     profile = records["profile_decode"]
     assert (profile["steps"], profile["skipped_steps"], profile["batch"]) == (2, 1, 2)
     assert profile["wall_ms"] > 0
+    assert len(profile["skip_step_ms"]) == 1 and profile["skip_step_ms"][0] > 0
+    assert profile["prefill_step_ms"] and all(ms > 0 for ms in profile["prefill_step_ms"])

@@ -171,16 +171,18 @@ def _dense_attention(query, keys, values, scale):
     return torch.einsum("hs,hsd->hd", probs, v)
 
 
-@pytest.mark.parametrize(("splits", "tile_blocks", "num_warps"),
-                         [(None, None, None), (1, 4, 8), (7, 2, 2)], ids=lambda v: f"{v}")
+@pytest.mark.parametrize(("splits", "tile_blocks", "num_warps", "num_stages"),
+                         [(None, None, None, None), (1, 4, 8, 2), (7, 2, 2, 4)],
+                         ids=lambda v: f"{v}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}bit-h{c[1]}-d{c[2]}-b{c[3]}")
-def test_packed_decode_attention(case, splits, tile_blocks, num_warps, paged_kv, device,
-                                 poison_empty):
+def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stages, paged_kv,
+                                 device, poison_empty):
     """Triton vs reference over rows with 0, 1 or 2 packed pages and ragged full-precision
     tails, with the tiles split over the default, 1 or 7 programs (more splits than a row
     has tiles: some splits find none) and tiles of the default (the page, up to 4 blocks),
     4 or 2 blocks (pages of 2, 5 or 9 blocks: tile blocks past a page's end masked), at the
-    default, 8 or 2 warps (on a GPU: other layouts of the same tiles); rows without pages
+    default, 8 or 2 warps and 3, 2 or 4 pipeline stages (on a GPU: other layouts and
+    schedules of the same tiles); rows without pages
     keep what the output held; the reference itself equals dense attention over the
     dequantised pages plus the full-precision tokens."""
     bits, heads, head_dim, block_size, value_group, dtype = case
@@ -205,7 +207,8 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, paged_kv,
     args = (query, paged.key_cache, paged.value_cache, paged.block_table, qsl, lens, packed)
     marker = torch.full_like(query, 7.0)
     out = packed_decode_attention(*args, marker.clone(), scale=scale, layout=layout,
-                                  splits=splits, tile_blocks=tile_blocks, num_warps=num_warps)
+                                  splits=splits, tile_blocks=tile_blocks, num_warps=num_warps,
+                                  num_stages=num_stages)
     ref = packed_decode_attention_ref(*args, marker.clone(), scale=scale, layout=layout)
     rows = [2 * i for i, n in enumerate(pages_per_row) if n]
     assert (out[4] == 7.0).all() and (ref[4] == 7.0).all()  # row 2: no pages

@@ -47,6 +47,10 @@ _MIN_DOT_ROWS = 16
 DEFAULT_TILE_BLOCKS = 4
 #: Warps of a program: 8 were slower than 4 at every tile size and split count measured.
 DEFAULT_NUM_WARPS = 4
+#: Software-pipeline stages of the tile loop (Triton's default on CUDA); swept by
+#: ``bench_packed_decode.py --num-stages``, since the loop's code-word loads are waited
+#: for at the top of the next iteration at this depth (docs/kernels-notes.md).
+DEFAULT_NUM_STAGES = 3
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -248,6 +252,7 @@ def packed_decode_attention(
     splits: int | None = None,
     tile_blocks: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of the rows with packed pages, written into ``output``.
 
@@ -270,6 +275,7 @@ def packed_decode_attention(
             Fewer mean more iterations of less work each, at about the same registers
             (167 a thread at 1 block, 168 at 4 for 2-bit Llama-3.1-8B heads on sm_90).
         num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
+        num_stages: pipeline stages of the tile loop (default ``DEFAULT_NUM_STAGES``).
 
     The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
     launches can be captured in a CUDA graph and replayed with other lengths and page
@@ -309,7 +315,7 @@ def packed_decode_attention(
         G_PAD=g_pad, SPLITS=splits, TILE_BLOCKS=tile_blocks,
         TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
         DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
-        num_warps=num_warps or DEFAULT_NUM_WARPS,
+        num_warps=num_warps or DEFAULT_NUM_WARPS, num_stages=num_stages or DEFAULT_NUM_STAGES,
     )  # fmt: skip
     _merge_splits_kernel[(rows, layout.num_kv_heads)](
         packed_pages, query_start_loc, part_max, part_sum, part_acc, output,
