@@ -181,10 +181,10 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stage
     tails, with the tiles split over the default, 1 or 7 programs (more splits than a row
     has tiles: some splits find none) and tiles of the default (the page, up to 4 blocks),
     4 or 2 blocks (pages of 2, 5 or 9 blocks: tile blocks past a page's end masked), at the
-    default, 8 or 2 warps and 3, 2 or 4 pipeline stages (on a GPU: other layouts and
-    schedules of the same tiles); rows without pages
-    keep what the output held; the reference itself equals dense attention over the
-    dequantised pages plus the full-precision tokens."""
+    default, 8 or 2 warps and the default (1), 2 or 4 pipeline stages (on a GPU: other
+    layouts and schedules of the same tiles); rows without pages keep what the output held;
+    the reference itself equals dense attention over the dequantised pages plus the
+    full-precision tokens."""
     bits, heads, head_dim, block_size, value_group, dtype = case
     layout_probe = LowBitLayout.for_cache(
         torch.empty(1, block_size, heads, head_dim, dtype=dtype), bits, value_group
@@ -258,12 +258,12 @@ kernels = [
      value_ptr="*bf16", words_ptr="*i32", halves_ptr="*fp16", block_table_ptr="*i32",
      qsl_ptr="*i32", seq_lens_ptr="*i32", packed_ptr="*i32", part_max_ptr="*fp32",
      part_sum_ptr="*fp32", part_acc_ptr="*fp32"),
-     dict(shape, VGROUP=32, R=layout.blocks_per_page, G_PAD=16, SPLITS=5,
-          TILE_BLOCKS=tile_blocks, TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
+     dict(shape, VGROUP=32, R=layout.blocks_per_page, G_PAD=16, TILE_BLOCKS=tile_blocks,
+          TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
           DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")),
     (packed_attention._merge_splits_kernel, dict(packed_ptr="*i32", qsl_ptr="*i32",
      part_max_ptr="*fp32", part_sum_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*bf16"),
-     dict(DIM=128, G_PAD=16, SPLITS=5)),
+     dict(DIM=128, G_PAD=16)),
 ]
 for kernel, pointers, constexprs in kernels:
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
@@ -287,3 +287,69 @@ def test_kernels_compile_for_sm90(bits, tile_blocks):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count(" ok") == 4
+
+
+# The launches of one decode step, recorded instead of run, and the key under which
+# Triton's JIT caches each compiled kernel (its specialisation of the arguments plus the
+# options), computed as Triton's own launcher computes it, for an sm_90 target.
+COMPILE_KEYS = """
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import compute_cache_key, create_function_from_signature
+from vllm_fastkv.kernels import packed_attention, quantization
+from vllm_fastkv.packed_layout import LowBitLayout
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+keys = {}
+
+class Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            kernel = self.kernel
+            binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            kwargs = {"num_warps": 4, "num_stages": 3, **kwargs}
+            _, spec, options = binder(*args, **kwargs, debug=False, instrumentation_mode="")
+            keys.setdefault(kernel.fn.__name__, set()).add(compute_cache_key({}, spec, options))
+        return launch
+
+for module, name in [(packed_attention, "_packed_decode_kernel"),
+                     (packed_attention, "_merge_splits_kernel"),
+                     (quantization, "_pack_kernel"), (quantization, "_copy_pages_kernel")]:
+    setattr(module, name, Recorder(getattr(module, name)))
+kv = torch.zeros(64, 16, 8, 256, dtype=torch.bfloat16)
+key_cache, value_cache = kv.split(128, dim=-1)
+layout = LowBitLayout.for_cache(key_cache, 2, 32)
+max_rows = 24
+pack_src = torch.zeros(max_rows, layout.blocks_per_page, dtype=torch.int32)
+block_table = torch.zeros(max_rows, 32, dtype=torch.int32)
+for rows in range(1, max_rows + 1):
+    # Splits as decode_splits picks them on a 132-multiprocessor GPU, and 1 and 16.
+    for splits in {1, 16, max(1, min(16, -(-4 * 132 // (rows * 8))))}:
+        query = torch.zeros(rows, 32, 128, dtype=torch.bfloat16)
+        ones = torch.ones(rows, dtype=torch.int32)
+        packed_attention.packed_decode_attention(
+            query, key_cache, value_cache, block_table, torch.arange(rows + 1, dtype=torch.int32),
+            ones, ones, query.clone(), scale=0.1, layout=layout, splits=splits)
+    quantization.pack_kv(key_cache, value_cache, pack_src, layout,
+                         num_groups=torch.ones(1, dtype=torch.int32),
+                         stage=torch.zeros(max_rows, 4096, dtype=torch.int32))
+print(sorted((name, len(found)) for name, found in keys.items()))
+"""
+
+
+def test_decode_kernels_compile_once_for_every_batch_size():
+    """A decode step's Triton kernels share one compiled variant for every batch size and
+    split count: eager steps (a prefill chunk beside decodes) have any number of rows,
+    and a variant per row count once compiled both packed-decode kernels again in the
+    middle of serving (~1 s each on an H200, which put seconds into a 2-bit decode run's
+    TPOT). Checked on the JIT cache keys Triton computes for sm_90, no GPU needed."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_KEYS], env=env, capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip() == str([("_copy_pages_kernel", 1), ("_merge_splits_kernel", 1),
+                                       ("_pack_kernel", 1), ("_packed_decode_kernel", 1)])

@@ -45,12 +45,16 @@ _MIN_DOT_ROWS = 16
 #: ``bench_packed_decode.py``; measured before the scales were loaded in the codes'
 #: layout, which took the 4-block tile from 249 registers a thread to 168 on sm_90).
 DEFAULT_TILE_BLOCKS = 4
-#: Warps of a program: 8 were slower than 4 at every tile size and split count measured.
-DEFAULT_NUM_WARPS = 4
-#: Software-pipeline stages of the tile loop (Triton's default on CUDA); swept by
-#: ``bench_packed_decode.py --num-stages``, since the loop's code-word loads are waited
-#: for at the top of the next iteration at this depth (docs/kernels-notes.md).
-DEFAULT_NUM_STAGES = 3
+#: Warps of a program by bit width. 8 were slower than 4 at every tile size and split
+#: count measured; at one pipeline stage 2-bit pages ran fastest at 4 warps and 4-bit
+#: pages (whose tiles unpack twice the code words) at 2 (H200, docs/BENCHMARKS.md).
+DEFAULT_NUM_WARPS = {2: 4, 4: 2}
+#: Software-pipeline stages of the tile loop. One (loads straight into registers) beat
+#: Triton's default of 3, and 2 and 4, at both bit widths, all tile sizes and split counts
+#: swept on an H200 (``bench_packed_decode.py --num-stages``): the pipelined loop stages
+#: the code words through shared memory behind barriers, yet waits for them at the top
+#: of the next iteration anyway (docs/kernels-notes.md).
+DEFAULT_NUM_STAGES = 1
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -77,19 +81,22 @@ def _unpack(words, shifts, BITS: tl.constexpr):
     return tl.reshape(codes, [words.shape[0], words.shape[1] * PER_WORD])
 
 
-@triton.jit
+# The split count follows the batch size (decode_splits): as a compile-time constant, or
+# specialised on (== 1, multiple of 16), every new batch size of an eager step (mixed
+# prefill and decode batches) would compile both kernels again in the middle of serving.
+@triton.jit(do_not_specialize=["splits"])
 def _packed_decode_kernel(
     query_ptr, key_ptr, value_ptr, words_ptr, halves_ptr, block_table_ptr, qsl_ptr,
     seq_lens_ptr, packed_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_bt, page_words, group, num_q_heads, qk_scale,
+    stride_bt, page_words, group, num_q_heads, qk_scale, splits,
     BITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, VGROUP: tl.constexpr,
     NUM_HEADS: tl.constexpr, R: tl.constexpr, HEAD_WORDS: tl.constexpr,
     VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr,
     VALUE_SCALE: tl.constexpr, VALUE_MIN: tl.constexpr, G_PAD: tl.constexpr,
-    SPLITS: tl.constexpr, TILE_BLOCKS: tl.constexpr, TILES_PER_PAGE: tl.constexpr,
+    TILE_BLOCKS: tl.constexpr, TILES_PER_PAGE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (row, KV head, split): that split's tiles of the row for the KV head's query
@@ -129,7 +136,7 @@ def _packed_decode_kernel(
         row_block = rows // BLOCK
         row_tok = rows % BLOCK
         vword = tl.arange(0, VALUE_WORDS)
-        for tile in range(split, num_pages * TILES_PER_PAGE, SPLITS):
+        for tile in range(split, num_pages * TILES_PER_PAGE, splits):
             page = tl.load(row_ptr + (tile // TILES_PER_PAGE) * R).to(tl.int64)
             first_block = (tile % TILES_PER_PAGE) * TILE_BLOCKS
             head_base = page * page_words + h * HEAD_WORDS
@@ -166,7 +173,7 @@ def _packed_decode_kernel(
                                     row_valid, DOT_PRECISION)
         # Full-precision blocks after the packed pages, the same split's share of them.
         first = num_pages * R * BLOCK + split * BLOCK
-        for start in range(first, seq_len, SPLITS * BLOCK):
+        for start in range(first, seq_len, splits * BLOCK):
             block = tl.load(row_ptr + start // BLOCK).to(tl.int64)
             valid = start + tok < seq_len
             k_t = tl.load(key_ptr + block * stride_kb + tok[None, :] * stride_ks
@@ -177,19 +184,19 @@ def _packed_decode_kernel(
                         mask=valid[:, None], other=0.0)
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
                                     valid, DOT_PRECISION)
-        # Scratch [rows, num_q_heads, SPLITS] (+ [DIM]); a split without tiles leaves
+        # Scratch [rows, num_q_heads, splits] (+ [DIM]); a split without tiles leaves
         # max -1e30, sum 0, output 0, which the merge weighs by 0.
-        part = (row.to(tl.int64) * num_q_heads + heads) * SPLITS + split
+        part = (row.to(tl.int64) * num_q_heads + heads) * splits + split
         tl.store(part_max_ptr + part, m_i, mask=m < group)
         tl.store(part_sum_ptr + part, l_i, mask=m < group)
         tl.store(part_acc_ptr + part[:, None] * DIM + dim[None, :], acc, mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _merge_splits_kernel(
     packed_ptr, qsl_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
-    stride_ot, stride_oh, stride_od, group, num_q_heads,
-    DIM: tl.constexpr, G_PAD: tl.constexpr, SPLITS: tl.constexpr,
+    stride_ot, stride_oh, stride_od, group, num_q_heads, splits,
+    DIM: tl.constexpr, G_PAD: tl.constexpr,
 ):
     """Program (row, KV head): softmax-merge the splits' partial outputs of its heads."""
     row = tl.program_id(0)
@@ -200,14 +207,14 @@ def _merge_splits_kernel(
         dim = tl.arange(0, DIM)
         heads = h * group + m
         head_mask = m < group
-        base = (row.to(tl.int64) * num_q_heads + heads) * SPLITS
+        base = (row.to(tl.int64) * num_q_heads + heads) * splits
         m_all = tl.full([G_PAD], -1e30, tl.float32)
-        for split in range(0, SPLITS):
+        for split in range(0, splits):
             m_all = tl.maximum(m_all, tl.load(part_max_ptr + base + split, mask=head_mask,
                                               other=-1e30))
         l_all = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, DIM], tl.float32)
-        for split in range(0, SPLITS):
+        for split in range(0, splits):
             weight = tl.exp2(tl.load(part_max_ptr + base + split, mask=head_mask,
                                      other=-1e30) - m_all)
             l_all += weight * tl.load(part_sum_ptr + base + split, mask=head_mask, other=0.0)
@@ -224,7 +231,8 @@ def _merge_splits_kernel(
 def decode_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
     """Splits per (row, KV head): enough programs for ~4 per multiprocessor, at most 16.
 
-    Depends on the batch size only, so a CUDA graph captured for a batch size keeps it.
+    Depends on the batch size only, so a CUDA graph captured for a batch size keeps it;
+    the kernels take it at run time, so every batch size shares one compiled variant.
     """
     if device.type != "cuda":
         return 2  # the interpreter: exercise the split and merge, cheaply
@@ -274,7 +282,7 @@ def packed_decode_attention(
             blocks rounded up to a power of two, at most ``DEFAULT_TILE_BLOCKS``).
             Fewer mean more iterations of less work each, at about the same registers
             (167 a thread at 1 block, 168 at 4 for 2-bit Llama-3.1-8B heads on sm_90).
-        num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
+        num_warps: warps of a program (default ``DEFAULT_NUM_WARPS`` of the bit width).
         num_stages: pipeline stages of the tile loop (default ``DEFAULT_NUM_STAGES``).
 
     The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
@@ -308,17 +316,19 @@ def packed_decode_attention(
         packed_pages, part_max, part_sum, part_acc,
         *query.stride(), *key_cache.stride(), *value_cache.stride(),
         block_table.stride(0), words.shape[1], group, num_q_heads, scale * math.log2(math.e),
+        splits,
         BITS=layout.bits, BLOCK=layout.block_size, DIM=layout.head_dim,
         VGROUP=layout.value_group, NUM_HEADS=layout.num_kv_heads, R=layout.blocks_per_page,
         HEAD_WORDS=layout.head_bytes // 4, VALUE_CODES=layout.value_codes_offset,
         KEY_SCALE=key_scale, KEY_MIN=key_min, VALUE_SCALE=value_scale, VALUE_MIN=value_min,
-        G_PAD=g_pad, SPLITS=splits, TILE_BLOCKS=tile_blocks,
+        G_PAD=g_pad, TILE_BLOCKS=tile_blocks,
         TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
         DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
-        num_warps=num_warps or DEFAULT_NUM_WARPS, num_stages=num_stages or DEFAULT_NUM_STAGES,
+        num_warps=num_warps or DEFAULT_NUM_WARPS[layout.bits],
+        num_stages=num_stages or DEFAULT_NUM_STAGES,
     )  # fmt: skip
     _merge_splits_kernel[(rows, layout.num_kv_heads)](
         packed_pages, query_start_loc, part_max, part_sum, part_acc, output,
-        *output.stride(), group, num_q_heads, DIM=layout.head_dim, G_PAD=g_pad, SPLITS=splits,
+        *output.stride(), group, num_q_heads, splits, DIM=layout.head_dim, G_PAD=g_pad,
     )  # fmt: skip
     return output
