@@ -164,11 +164,15 @@ def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
 
 
 def _commit() -> str:
+    """``GIT_COMMIT`` where the job sets it (a copied tree's git directory, if any, can be
+    stale), else the checkout's HEAD."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=REPO, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def _device() -> str:

@@ -50,10 +50,11 @@ DEFAULT_TILE_BLOCKS = 4
 #: pages (whose tiles unpack twice the code words) at 2 (H200, docs/BENCHMARKS.md).
 DEFAULT_NUM_WARPS = {2: 4, 4: 2}
 #: Software-pipeline stages of the tile loop. One (loads straight into registers) beat
-#: Triton's default of 3, and 2 and 4, at both bit widths, all tile sizes and split counts
-#: swept on an H200 (``bench_packed_decode.py --num-stages``): the pipelined loop stages
-#: the code words through shared memory behind barriers, yet waits for them at the top
-#: of the next iteration anyway (docs/kernels-notes.md).
+#: Triton's default of 3, and 2 and 4, at the default tile and warps of both bit widths
+#: on an H200 (``bench_packed_decode.py --num-stages``; 2-bit 78-94 us a layer against
+#: 98-118 at 3 stages, 4-bit 102-122 against 129-177, over 5-16 splits): the pipelined
+#: loop stages the code words through shared memory behind barriers, yet waits for them
+#: at the top of the next iteration anyway (docs/kernels-notes.md).
 DEFAULT_NUM_STAGES = 1
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
