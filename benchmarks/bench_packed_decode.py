@@ -9,8 +9,9 @@ packed at 2 and 4 bits as the engine packs them (all but the last ``--residual``
 in whole pages), the rest full precision. For each bit width, tile size
 (``tile_blocks``: blocks of a page attended per iteration), warps per program, pipeline
 stages of the tile loop and split count (``splits``: programs per (row, KV head), ``*``
-the kernel's own choice) it reports the median time of
-:func:`~vllm_fastkv.kernels.packed_decode_attention` (``do_bench``, L2 flushed), its floor
+the kernel's own choice) it reports the time of
+:func:`~vllm_fastkv.kernels.packed_decode_attention` (the median of ``--rounds``
+``do_bench`` medians, L2 flushed, taken over all configurations in turn), its floor
 (packed page bytes + full-precision tail bytes read once / measured copy bandwidth) and
 the relative error against the torch reference.
 """
@@ -18,8 +19,10 @@ the relative error against the torch reference.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
+import statistics
 
 import torch
 import triton
@@ -80,10 +83,13 @@ def main() -> None:
     parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--num-stages", type=int, nargs="+", default=[DEFAULT_NUM_STAGES])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timings of every configuration, interleaved; the median is kept")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench time per timing")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     default = decode_splits(args.batch, args.num_kv_heads, torch.device("cuda"))
-    rows = []
+    cases = []
     for bits in args.bits:
         inputs, layout, pages, floor_bytes = packed_batch(args, bits)
         scale = args.head_dim**-0.5
@@ -96,25 +102,31 @@ def main() -> None:
             if tile_blocks > layout.blocks_per_page:
                 continue  # the same tile as a whole page, masked wider
             out = torch.full_like(inputs[0], float("nan"))
-
-            def call(out: torch.Tensor = out, splits: int = splits, tiles: int = tile_blocks,
-                     warps: int = warps, stages: int = stages) -> None:
-                packed_decode_attention(*inputs, out, scale=scale, layout=layout, splits=splits,
-                                        tile_blocks=tiles, num_warps=warps,
-                                        num_stages=stages)  # fmt: skip
-
-            ms = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
+            call = functools.partial(packed_decode_attention, *inputs, out, scale=scale,
+                                     layout=layout, splits=splits, tile_blocks=tile_blocks,
+                                     num_warps=warps, num_stages=stages)  # fmt: skip
+            call()  # compiles, and fills ``out`` for the error check
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            rows.append({"bits": bits, "splits": splits, "tile_blocks": tile_blocks,
-                         "num_warps": warps, "num_stages": stages,
-                         "default_splits": splits == default, "pages_per_row": pages,
-                         "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
-                         "rel_error": err})  # fmt: skip
-            print(f"{bits}-bit tile_blocks={tile_blocks} warps={warps} stages={stages} "
-                  f"splits={splits:>2}"
-                  f"{'*' if splits == default else ' '} {ms * 1e3:8.1f} us  "
-                  f"floor {floor_ms * 1e3:6.1f} us  x{ms / floor_ms:6.2f}  err {err:.1e}",
-                  flush=True)  # fmt: skip
+            cases.append((call, {"bits": bits, "splits": splits, "tile_blocks": tile_blocks,
+                                 "num_warps": warps, "num_stages": stages,
+                                 "default_splits": splits == default, "pages_per_row": pages,
+                                 "floor_ms": floor_ms, "rel_error": err, "ms_rounds": []}))
+    # Rounds over all configurations in turn: a drift of the GPU's clocks or of a
+    # neighbour's load during the sweep then lands on every configuration, not on a few.
+    for _ in range(args.rounds):
+        for call, row in cases:
+            row["ms_rounds"].append(triton.testing.do_bench(call, warmup=25, rep=args.rep_ms,
+                                                            return_mode="median"))
+    rows = []
+    for _, row in cases:
+        ms = statistics.median(row["ms_rounds"])
+        rows.append({**row, "ms": ms, "x_floor": ms / row["floor_ms"]})
+        print(f"{row['bits']}-bit tile_blocks={row['tile_blocks']} warps={row['num_warps']} "
+              f"stages={row['num_stages']} splits={row['splits']:>2}"
+              f"{'*' if row['default_splits'] else ' '} {ms * 1e3:8.1f} us "
+              f"({min(row['ms_rounds']) * 1e3:.1f}-{max(row['ms_rounds']) * 1e3:.1f})  "
+              f"floor {row['floor_ms'] * 1e3:6.1f} us  x{ms / row['floor_ms']:6.2f}  "
+              f"err {row['rel_error']:.1e}", flush=True)  # fmt: skip
     result = {"device": torch.cuda.get_device_name(), "config": vars(args),
               "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}  # fmt: skip
     with open(args.out, "w") as f:
