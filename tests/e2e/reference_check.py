@@ -19,6 +19,10 @@ and that decode reads exactly them at the right positions:
   it than the fp32 reference's, a whole quantisation step away, so long generations that
   keep packing miss a few more steps; the reference with its weights rounded to fp16 (the
   engine's precision) shows it on CPUs (``test_gpu_criterion_*`` in test_low_bit_kv.py).
+  So a low-bit run's prompts may each miss ``GPU_LOW_BIT_EXTRA_MISSES`` more steps: at 4
+  bits with propagation, 12 steps, fp16-rounded weights alone miss one step of one prompt
+  on CPU (gap 0.58) and an H200 engine 1, 1 and 2 steps of three (gaps up to 0.53), while
+  a cache that propagated 80% instead of 60% misses 2-6 steps of every compressed prompt.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ ENGINE = dict(
 GPU_LOGIT_TOLERANCE = 0.5
 GPU_MEAN_GAP = 1.5
 GPU_MISS_EVERY = 20
+GPU_LOW_BIT_EXTRA_MISSES = 1
 
 
 def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -156,11 +161,13 @@ def logit_gaps(
     return gaps
 
 
-def assert_gaps_agree(gaps: list[torch.Tensor]) -> None:
-    """The GPU criterion (module docstring) over per-prompt, per-step logit gaps."""
+def assert_gaps_agree(gaps: list[torch.Tensor], *, low_bit: bool = False) -> None:
+    """The GPU criterion (module docstring) over per-prompt, per-step logit gaps;
+    ``low_bit``: the run stores packed low-bit pages."""
     means = [round(g.mean().item(), 3) for g in gaps]
     misses = [int((g > GPU_LOGIT_TOLERANCE).sum()) for g in gaps]
-    allowed = [len(g) // GPU_MISS_EVERY for g in gaps]
+    extra = GPU_LOW_BIT_EXTRA_MISSES if low_bit else 0
+    allowed = [len(g) // GPU_MISS_EVERY + extra for g in gaps]
     assert max(means) <= GPU_MEAN_GAP, (means, misses)
     agree = sum(m <= a for m, a in zip(misses, allowed, strict=True))
     assert agree * 2 > len(gaps), (means, misses, allowed)
@@ -169,7 +176,8 @@ def assert_gaps_agree(gaps: list[torch.Tensor]) -> None:
 def assert_matches_reference(model_dir, prompts, settings: list[dict], tokens) -> None:
     model = load(model_dir)
     if ON_GPU:
-        assert_gaps_agree(logit_gaps(model, prompts, settings, tokens))
+        low_bit = any(FastKVConfig.validated(s).quantizes for s in settings)
+        assert_gaps_agree(logit_gaps(model, prompts, settings, tokens), low_bit=low_bit)
     else:
         expected = [
             reference_tokens(model, ids, s, len(out))

@@ -37,6 +37,9 @@ from vllm_fastkv.retention import plan_retention
 # pages; a small residual so that the tiny model's short prompts pack at all.
 LENGTHS = [20, 300, 517, 640, 900]
 LOW_BIT = {"retain_rate": 0.5, "tsp_rate": 1.0, "kv_residual": 16}
+#: Packed pages after tsp_layer too (on the tiny Qwen2's 4 layers).
+WITH_PROPAGATION = {"retain_rate": 0.4, "tsp_rate": 0.6, "tsp_layer": 1, "kv_bits": 4,
+                    "kv_residual": 16, "tsp_buffer_tokens": 4096}  # fmt: skip
 
 
 def _check_blocks(model_dir, settings: dict, sched: dict, decode_pages: bool) -> None:
@@ -87,8 +90,7 @@ def test_low_bit_packs_pages_while_decoding(tiny_llama):
 def test_low_bit_with_propagation(tiny_qwen2):
     """Packed pages in the layers after tsp_layer too (their block tables are shifted to
     the propagated tokens), in a batch with decodes of packed requests."""
-    settings = {"retain_rate": 0.4, "tsp_rate": 0.6, "tsp_layer": 1, "kv_bits": 4,
-                "kv_residual": 16, "tsp_buffer_tokens": 4096}  # fmt: skip
+    settings = WITH_PROPAGATION
     prompts = random_prompts(LENGTHS, seed=5)
     result = generate(
         tiny_qwen2, prompts, MAX_TOKENS, max_num_batched_tokens=100,
@@ -113,11 +115,32 @@ def test_gpu_criterion_accepts_fp16_noise_and_rejects_a_wrong_cache(tiny_llama):
     settings = {**LOW_BIT, "kv_bits": 4}
     prompts = random_prompts(LENGTHS, seed=6)
     noisy_tokens = [reference_tokens(noisy, ids, settings, 120) for ids in prompts]
-    assert_gaps_agree(logit_gaps(model, prompts, [settings] * len(prompts), noisy_tokens))
+    assert_gaps_agree(logit_gaps(model, prompts, [settings] * len(prompts), noisy_tokens),
+                      low_bit=True)  # fmt: skip
     other = {**settings, "retain_rate": 0.25}
     wrong = [reference_tokens(model, ids, other, 120) for ids in prompts]
     with pytest.raises(AssertionError):
-        assert_gaps_agree(logit_gaps(model, prompts, [settings] * len(prompts), wrong))
+        assert_gaps_agree(logit_gaps(model, prompts, [settings] * len(prompts), wrong),
+                          low_bit=True)  # fmt: skip
+
+
+def test_gpu_criterion_on_a_short_low_bit_run_with_propagation(tiny_qwen2):
+    """The same for test_low_bit_with_propagation's 12-step run, where the criterion
+    allows no miss without the low-bit allowance: fp16-rounded weights pass with it, a
+    cache that propagated 80% of the prompt instead of 60% fails with it."""
+    model = load(tiny_qwen2)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in noisy.parameters():
+            param.copy_(param.half().float())
+    prompts = random_prompts(LENGTHS, seed=5)
+    settings = [WITH_PROPAGATION] * len(prompts)
+    noisy_tokens = [reference_tokens(noisy, ids, WITH_PROPAGATION, MAX_TOKENS) for ids in prompts]
+    assert_gaps_agree(logit_gaps(model, prompts, settings, noisy_tokens), low_bit=True)
+    other = {**WITH_PROPAGATION, "tsp_rate": 0.8}
+    wrong = [reference_tokens(model, ids, other, MAX_TOKENS) for ids in prompts]
+    with pytest.raises(AssertionError):
+        assert_gaps_agree(logit_gaps(model, prompts, settings, wrong), low_bit=True)
 
 
 def test_quantization_changes_the_output(tiny_llama):
