@@ -283,6 +283,23 @@ def dequantize_int8(tensors: dict[str, Any], dtype: Any) -> dict[str, Any]:
     return out
 
 
+def load_shipped_weights(model: Any, asset: Path) -> None:
+    """Start from the int8 weights in ``asset`` (``--resume``): a run continues the
+    shipped model instead of starting again, so device minutes add up across runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = asset / WEIGHTS_FILE
+    if not path.is_file():
+        raise SystemExit(f"--resume: no weights at {path}")
+    state = dequantize_int8(load_file(str(path)), torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # The output matrix is tied to the embedding, so it is not stored.
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise SystemExit(f"--resume: {path} does not fit the model config "
+                         f"(missing {missing}, unexpected {unexpected})")
+
+
 def load_model(model_dir: Path, device: str, dtype: Any) -> Any:
     from transformers import LlamaForCausalLM
 
@@ -371,7 +388,10 @@ def train(args: argparse.Namespace) -> None:
     config = LlamaConfig.from_pretrained(asset)
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = LlamaForCausalLM(config).to(device)
+    model = LlamaForCausalLM(config)
+    if args.resume:
+        load_shipped_weights(model, asset)
+    model = model.to(device)
     model.config._attn_implementation = "sdpa"
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", flush=True)
     optimizer = torch.optim.AdamW(
@@ -507,6 +527,8 @@ def main() -> None:
     tr.add_argument("--data-dir", default=str(tasks.DEFAULT_DATA_DIR))
     tr.add_argument("--model-dir", default="/tmp/fastkv-retriever")
     tr.add_argument("--minutes", type=float, default=7.0)
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the weights in --asset instead of random ones")
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--warmup-steps", type=int, default=100)
     tr.add_argument("--text-weight", type=float, default=0.3)
