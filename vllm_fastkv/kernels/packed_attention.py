@@ -45,16 +45,16 @@ _MIN_DOT_ROWS = 16
 #: ``bench_packed_decode.py``; measured before the scales were loaded in the codes'
 #: layout, which took the 4-block tile from 249 registers a thread to 168 on sm_90).
 DEFAULT_TILE_BLOCKS = 4
-#: Warps of a program by bit width. 8 were slower than 4 at every tile size and split
-#: count measured; at one pipeline stage 2-bit pages ran fastest at 4 warps and 4-bit
-#: pages (whose tiles unpack twice the code words) at 2 (H200, docs/BENCHMARKS.md).
+#: Warps of a program by bit width, and software-pipeline stages of the tile loop, from
+#: H200 sweeps (docs/BENCHMARKS.md): 8 warps were slower than 4 at every tile size and
+#: split count (fb3b155); in the "third run" one stage (loads straight into registers)
+#: beat Triton's default of 3 at both widths (2-bit, 4 warps: 78-94 us a layer against
+#: 98-118; 4-bit, 2 warps: 102-122 against 129-177), since the pipelined loop stages the
+#: code words through shared memory behind barriers and still waits for them at the top
+#: of the next iteration (docs/kernels-notes.md). A second sweep on another machine did
+#: not rank the cells the same way (up to 1.9x apart run to run);
+#: ``bench_packed_decode.py --rounds`` is what should settle them.
 DEFAULT_NUM_WARPS = {2: 4, 4: 2}
-#: Software-pipeline stages of the tile loop. One (loads straight into registers) beat
-#: Triton's default of 3, and 2 and 4, at the default tile and warps of both bit widths
-#: on an H200 (``bench_packed_decode.py --num-stages``; 2-bit 78-94 us a layer against
-#: 98-118 at 3 stages, 4-bit 102-122 against 129-177, over 5-16 splits): the pipelined
-#: loop stages the code words through shared memory behind barriers, yet waits for them
-#: at the top of the next iteration anyway (docs/kernels-notes.md).
 DEFAULT_NUM_STAGES = 1
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
