@@ -49,10 +49,11 @@ DEFAULT_TILE_BLOCKS = 4
 #: H200 sweeps (docs/BENCHMARKS.md): 8 warps were slower than 4 at every tile size and
 #: split count (fb3b155); in the "third run" one stage (loads straight into registers)
 #: beat Triton's default of 3 at both widths (2-bit, 4 warps: 78-94 us a layer against
-#: 98-118; 4-bit, 2 warps: 102-122 against 129-177), since the pipelined loop stages the
-#: code words through shared memory behind barriers and still waits for them at the top
-#: of the next iteration (docs/kernels-notes.md). A second sweep on another machine did
-#: not rank the cells the same way (up to 1.9x apart run to run);
+#: 98-118; 4-bit, 2 warps: 102-122 against 129-177). Why is not established: on sm_90 the
+#: two loops are about the same size (1,014 vs 1,046 instructions, 12 vs 11 barriers at
+#: 2 bits); 3 stages issue the next tile's code words as asynchronous copies but wait for
+#: them at the top of the next iteration (docs/kernels-notes.md). A second sweep on
+#: another machine did not rank the cells the same way (up to 1.9x apart run to run);
 #: ``bench_packed_decode.py --rounds`` is what should settle them.
 DEFAULT_NUM_WARPS = {2: 4, 4: 2}
 DEFAULT_NUM_STAGES = 1
