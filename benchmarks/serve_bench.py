@@ -290,15 +290,11 @@ def profile_decode(llm, prompts, steps: int, skip: int, top: int = 25) -> dict:
     started: set[str] = set()
     prefill_ms: list[float] = []
     while len(started) < len(ids):  # every request has its first token: prefill is over
-        t0 = time.perf_counter()
-        outputs = engine.step()
-        prefill_ms.append(round(1000 * (time.perf_counter() - t0), 2))
+        outputs = _timed_step(engine, prefill_ms)
         started.update(o.request_id for o in outputs if o.outputs[0].token_ids)
     skip_ms: list[float] = []
     for _ in range(skip):
-        t0 = time.perf_counter()
-        engine.step()
-        skip_ms.append(round(1000 * (time.perf_counter() - t0), 2))
+        _timed_step(engine, skip_ms)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
@@ -309,6 +305,14 @@ def profile_decode(llm, prompts, steps: int, skip: int, top: int = 25) -> dict:
         engine.step()
     return {"steps": steps, "skipped_steps": skip, "prefill_step_ms": prefill_ms,
             "skip_step_ms": skip_ms, **_kernel_summary(prof, wall_s, top)}
+
+
+def _timed_step(engine, times_ms: list[float]) -> list:
+    """One engine step; its wall time in ms appended to ``times_ms``."""
+    start = time.perf_counter()
+    outputs = engine.step()
+    times_ms.append(round(1000 * (time.perf_counter() - start), 2))
+    return outputs
 
 
 def _kernel_summary(prof, wall_s: float, top: int) -> dict:

@@ -102,16 +102,22 @@ def test_low_bit_with_propagation(tiny_qwen2):
     assert sched["free_blocks_end"] == sched["free_blocks_start"]
 
 
+def _fp16_rounded(model):
+    """A copy of ``model`` with its weights rounded to fp16: an fp16 engine's noise."""
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in noisy.parameters():
+            param.copy_(param.half().float())
+    return noisy
+
+
 def test_gpu_criterion_accepts_fp16_noise_and_rejects_a_wrong_cache(tiny_llama):
     """The GPU criterion on CPU: the reference with its weights rounded to fp16 (an fp16
     engine's noise, which moves a few packed codes by a whole step) agrees with the fp32
     reference over 120 packing steps at 4 bits; tokens decoded from a cache with other
     entries (another retain rate) do not."""
     model = load(tiny_llama)
-    noisy = copy.deepcopy(model)
-    with torch.no_grad():
-        for param in noisy.parameters():
-            param.copy_(param.half().float())
+    noisy = _fp16_rounded(model)
     settings = {**LOW_BIT, "kv_bits": 4}
     prompts = random_prompts(LENGTHS, seed=6)
     noisy_tokens = [reference_tokens(noisy, ids, settings, 120) for ids in prompts]
@@ -129,10 +135,7 @@ def test_gpu_criterion_on_a_short_low_bit_run_with_propagation(tiny_qwen2):
     allows no miss without the low-bit allowance: fp16-rounded weights pass with it, a
     cache that propagated 80% of the prompt instead of 60% fails with it."""
     model = load(tiny_qwen2)
-    noisy = copy.deepcopy(model)
-    with torch.no_grad():
-        for param in noisy.parameters():
-            param.copy_(param.half().float())
+    noisy = _fp16_rounded(model)
     prompts = random_prompts(LENGTHS, seed=5)
     settings = [WITH_PROPAGATION] * len(prompts)
     noisy_tokens = [reference_tokens(noisy, ids, WITH_PROPAGATION, MAX_TOKENS) for ids in prompts]

@@ -298,6 +298,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import compute_cache_key, create_function_from_signature
 from vllm_fastkv.kernels import packed_attention, quantization
+from vllm_fastkv.kernels.packed_attention import splits_for
 from vllm_fastkv.packed_layout import LowBitLayout
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
@@ -328,7 +329,7 @@ pack_src = torch.zeros(max_rows, layout.blocks_per_page, dtype=torch.int32)
 block_table = torch.zeros(max_rows, 32, dtype=torch.int32)
 for rows in range(1, max_rows + 1):
     # Splits as decode_splits picks them on a 132-multiprocessor GPU, and 1 and 16.
-    for splits in {1, 16, max(1, min(16, -(-4 * 132 // (rows * 8))))}:
+    for splits in {1, 16, splits_for(rows, 8, 132)}:
         query = torch.zeros(rows, 32, 128, dtype=torch.bfloat16)
         ones = torch.ones(rows, dtype=torch.int32)
         packed_attention.packed_decode_attention(
@@ -344,9 +345,10 @@ print(sorted((name, len(found)) for name, found in keys.items()))
 def test_decode_kernels_compile_once_for_every_batch_size():
     """A decode step's Triton kernels share one compiled variant for every batch size and
     split count: eager steps (a prefill chunk beside decodes) have any number of rows,
-    and a variant per row count once compiled both packed-decode kernels again in the
-    middle of serving (~1 s each on an H200, which put seconds into a 2-bit decode run's
-    TPOT). Checked on the JIT cache keys Triton computes for sm_90, no GPU needed."""
+    and a variant per split count once compiled both packed-decode kernels again in the
+    middle of serving (the likely cause of seconds in a 2-bit decode run's TPOT on an
+    H200, docs/BENCHMARKS.md). Checked on the JIT cache keys Triton computes for sm_90,
+    no GPU needed."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE_KEYS], env=env, capture_output=True,
                           text=True, timeout=240)  # fmt: skip

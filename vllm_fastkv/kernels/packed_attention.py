@@ -231,14 +231,19 @@ def _merge_splits_kernel(
 
 
 def decode_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
-    """Splits per (row, KV head): enough programs for ~4 per multiprocessor, at most 16.
+    """Splits per (row, KV head) on ``device`` (:func:`splits_for`).
 
     Depends on the batch size only, so a CUDA graph captured for a batch size keeps it;
     the kernels take it at run time, so every batch size shares one compiled variant.
     """
     if device.type != "cuda":
         return 2  # the interpreter: exercise the split and merge, cheaply
-    return max(1, min(16, triton.cdiv(4 * _sm_count(device.index), rows * num_kv_heads)))
+    return splits_for(rows, num_kv_heads, _sm_count(device.index))
+
+
+def splits_for(rows: int, num_kv_heads: int, multiprocessors: int) -> int:
+    """Enough programs for ~4 per multiprocessor, at most 16 splits."""
+    return max(1, min(16, triton.cdiv(4 * multiprocessors, rows * num_kv_heads)))
 
 
 @functools.cache
@@ -282,8 +287,7 @@ def packed_decode_attention(
         tile_blocks: blocks of a packed page dequantised and attended as one tile (a
             power of two; blocks past a page's end are masked; default the page's
             blocks rounded up to a power of two, at most ``DEFAULT_TILE_BLOCKS``).
-            Fewer mean more iterations of less work each, at about the same registers
-            (167 a thread at 1 block, 168 at 4 for 2-bit Llama-3.1-8B heads on sm_90).
+            Fewer mean more iterations of less work each.
         num_warps: warps of a program (default ``DEFAULT_NUM_WARPS`` of the bit width).
         num_stages: pipeline stages of the tile loop (default ``DEFAULT_NUM_STAGES``).
 
