@@ -38,6 +38,7 @@ def test_precedence_additional_config_over_env_over_defaults():
         ({"retain": 0.1}, "fastkv.retain"),
         ({"kv_bits": 3}, "fastkv.kv_bits"),
         ({"kv_group_size": 0}, "fastkv.kv_group_size"),
+        ({"kv_bits": 2, "kv_group_size": 8}, "kv_group_size"),
         ({"kv_residual": -1}, "fastkv.kv_residual"),
     ],
 )

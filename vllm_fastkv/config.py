@@ -122,6 +122,11 @@ class FastKVConfig(BaseModel):
             raise ValueError(
                 f"pool_kernel must be odd so pooling keeps the token count (got {self.pool_kernel})"
             )
+        if self.kv_bits < 16 and self.kv_group_size % (32 // self.kv_bits):
+            raise ValueError(
+                f"kv_group_size must be a multiple of {32 // self.kv_bits} at kv_bits "
+                f"{self.kv_bits}, the codes of one packed word (got {self.kv_group_size})"
+            )
         if self.mode == "constant":
             for name in ("max_capacity_prompt", "tsp_len"):
                 if getattr(self, name) <= self.window:

@@ -19,6 +19,7 @@ from vllm_fastkv.kernels import (
     packed_decode_attention_ref,
     unpack_pages_ref,
 )
+from vllm_fastkv.kernels.quantization import check_kernel_layout
 from vllm_fastkv.packed_layout import LowBitLayout, page_views
 from vllm_fastkv.reference.quantization import dequantize_groups_ref, quantize_groups_ref
 
@@ -49,6 +50,11 @@ def test_layout_refuses_what_saves_nothing_or_misaligns():
         LowBitLayout.for_cache(torch.empty(2, 16, 8, 128, dtype=torch.bfloat16), 3, 32)
     with pytest.raises(ValueError, match="kv_group_size"):
         LowBitLayout.for_cache(torch.empty(2, 16, 8, 128, dtype=torch.bfloat16), 2, 48)
+    # The layout holds 8-channel groups at 2 bits; the kernels, which take one scale for
+    # a word's 16 codes, refuse them.
+    narrow = LowBitLayout.for_cache(torch.empty(2, 16, 8, 128, dtype=torch.bfloat16), 2, 8)
+    with pytest.raises(ValueError, match="multiple of 16 at 2 bits"):
+        check_kernel_layout(narrow)
 
 
 @settings(max_examples=40, deadline=None)

@@ -42,20 +42,14 @@ _MIN_DOT_ROWS = 16
 #: Most blocks of a packed page per tile (fewer when a page has fewer). Whole-page tiles
 #: (4 blocks at 2 bits for Llama-3.1-8B heads) take 4x fewer iterations: 130.8 us a layer
 #: against 162.6 us for 1-block tiles on an H200 (docs/BENCHMARKS.md,
-#: ``bench_packed_decode.py``; measured before the scales were loaded in the codes'
-#: layout, which took the 4-block tile from 249 registers a thread to 168 on sm_90).
+#: ``bench_packed_decode.py``), and the fewest cycles under Nsight Compute since.
 DEFAULT_TILE_BLOCKS = 4
-#: Warps of a program by bit width, and software-pipeline stages of the tile loop, from
-#: H200 sweeps (docs/BENCHMARKS.md): 8 warps were slower than 4 at every tile size and
-#: split count (fb3b155); in the "third run" one stage (loads straight into registers)
-#: beat Triton's default of 3 at both widths (2-bit, 4 warps: 78-94 us a layer against
-#: 98-118; 4-bit, 2 warps: 102-122 against 129-177). Why is not established: on sm_90 the
-#: two loops are about the same size (1,014 vs 1,046 instructions, 12 vs 11 barriers at
-#: 2 bits); 3 stages issue the next tile's code words as asynchronous copies but wait for
-#: them at the top of the next iteration (docs/kernels-notes.md). A second sweep on
-#: another machine did not rank the cells the same way (up to 1.9x apart run to run);
-#: ``bench_packed_decode.py --rounds`` is what should settle them.
-DEFAULT_NUM_WARPS = {2: 4, 4: 2}
+#: Warps of a program and software-pipeline stages of the tile loop. Timed sweeps on H200s
+#: vary up to 3x between machines and runs (docs/BENCHMARKS.md), so these come from
+#: Nsight Compute's cycle counts of single launches (clock-independent): 4 warps and one
+#: stage at both widths (2-bit whole pages: 143K cycles against 151K at 2 warps; 4-bit
+#: 2-block tiles: 157K against 173K); 8 warps and 3 stages were slower in every sweep.
+DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 1
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -75,12 +69,35 @@ def _attend(q, k_t, v, m_i, l_i, acc, valid, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _unpack(words, shifts, BITS: tl.constexpr):
-    """uint32 codes from int32 words ``[A, W]``: ``[A, W * (32 / BITS)]`` in word order."""
+def _dequantize(words, scale, minimum, BITS: tl.constexpr):
+    """fp32 values of int32 words ``[A, W]`` of codes: ``[A, W * (32 / BITS)]`` in word
+    order, each code times its word's ``scale`` plus its ``minimum`` (``[A, W]``).
+
+    All codes of a word share one scale (a key word's tokens lie in one block, a value
+    word's channels in one group), so each code is dequantised in the words' own layout
+    and the codes of a word are joined along a new axis held by the same thread: no
+    broadcast of scales and no word replicated across threads.
+    """
     PER_WORD: tl.constexpr = 32 // BITS
     bits = words.to(tl.uint32, bitcast=True)
-    codes = (bits[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, [words.shape[0], words.shape[1] * PER_WORD])
+    values = _dequantized_codes(bits, scale, minimum, 0, 1, PER_WORD, BITS)
+    return tl.reshape(values, [words.shape[0], words.shape[1] * PER_WORD])
+
+
+@triton.jit
+def _dequantized_codes(bits, scale, minimum, first: tl.constexpr, stride: tl.constexpr,
+                       count: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``first, first + stride, ...`` (``count`` of them) of every word, dequantised,
+    on trailing axes that flatten in that order: the even-indexed half joined with the
+    odd-indexed half, recursively."""
+    if count == 1:
+        code = (bits >> (first * BITS)) & ((1 << BITS) - 1)
+        return code.to(tl.float32) * scale + minimum
+    else:
+        even = _dequantized_codes(bits, scale, minimum, first, 2 * stride, count // 2, BITS)
+        odd = _dequantized_codes(bits, scale, minimum, first + stride, 2 * stride,
+                                 count // 2, BITS)
+        return tl.join(even, odd)
 
 
 # The split count follows the batch size (decode_splits): as a compile-time constant, or
@@ -122,7 +139,6 @@ def _packed_decode_kernel(
         q = tl.load(query_ptr + token * stride_qt + heads[:, None] * stride_qh
                     + dim[None, :] * stride_qd, mask=q_mask, other=0.0).to(tl.float32)
         q = (q * qk_scale).to(DOT_DTYPE)
-        shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
         row_ptr = block_table_ptr + row.to(tl.int64) * stride_bt
         m_i = tl.full([G_PAD], -1e30, tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
@@ -146,31 +162,30 @@ def _packed_decode_kernel(
             row_valid = first_block + row_block < R
             block_base = head_base + (first_block + row_block) * BLOCK_WORDS  # [TILE]
             # Keys, transposed [DIM, TILE]: word c of a channel row is word c % KEY_WORDS
-            # of block c // KEY_WORDS. Scales and minimums (per block and channel) are
-            # loaded at every token of the tile, in the layout of the codes: fetched from
-            # L1 again, they need no broadcast through shared memory (on sm_90 that cost
-            # 7 barriers and an fp16 conversion per element an iteration).
-            k_words = tl.load(words_ptr + head_base + (first_block + col_block)[None, :]
-                              * BLOCK_WORDS + dim[:, None] * KEY_WORDS
-                              + (col % KEY_WORDS)[None, :],
-                              mask=(first_block + col_block < R)[None, :], other=0)
-            k_t = _unpack(k_words, shifts, BITS).to(tl.float32)
-            k_halves = halves_ptr + 2 * block_base[None, :] + dim[:, None]
-            k_scale = tl.load(k_halves + KEY_SCALE, mask=row_valid[None, :],
-                              other=0.0).to(tl.float32)
-            k_min = tl.load(k_halves + KEY_MIN, mask=row_valid[None, :], other=0.0).to(tl.float32)
-            k_t = k_t * k_scale + k_min
-            # Values [TILE, DIM], group scales per token, loaded the same way.
+            # of block c // KEY_WORDS, whose scale and minimum (per block and channel) it
+            # is loaded with.
+            word_block = first_block + col_block  # [TILE_KEY_WORDS]
+            word_valid = (word_block < R)[None, :]
+            k_words = tl.load(words_ptr + head_base + word_block[None, :] * BLOCK_WORDS
+                              + dim[:, None] * KEY_WORDS + (col % KEY_WORDS)[None, :],
+                              mask=word_valid, other=0)
+            k_halves = (halves_ptr + 2 * (head_base + word_block * BLOCK_WORDS)[None, :]
+                        + dim[:, None])
+            k_scale = tl.load(k_halves + KEY_SCALE, mask=word_valid, other=0.0).to(tl.float32)
+            k_min = tl.load(k_halves + KEY_MIN, mask=word_valid, other=0.0).to(tl.float32)
+            k_t = _dequantize(k_words, k_scale, k_min, BITS)
+            # Values [TILE, DIM]: word w of a token holds channels of group
+            # w * PER_WORD // VGROUP.
             v_words = tl.load(words_ptr + block_base[:, None] + VALUE_CODES
                               + row_tok[:, None] * VALUE_WORDS + vword[None, :],
                               mask=row_valid[:, None], other=0)
-            v = _unpack(v_words, shifts, BITS).to(tl.float32)
-            grp = 2 * block_base[:, None] + row_tok[:, None] * NG + (dim // VGROUP)[None, :]
+            grp = (2 * block_base[:, None] + row_tok[:, None] * NG
+                   + (vword * PER_WORD // VGROUP)[None, :])
             v_scale = tl.load(halves_ptr + grp + VALUE_SCALE, mask=row_valid[:, None],
                               other=0.0).to(tl.float32)
             v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[:, None],
                             other=0.0).to(tl.float32)
-            v = v * v_scale + v_min
+            v = _dequantize(v_words, v_scale, v_min, BITS)
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
                                     row_valid, DOT_PRECISION)
         # Full-precision blocks after the packed pages, the same split's share of them.
@@ -242,8 +257,14 @@ def decode_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
 
 
 def splits_for(rows: int, num_kv_heads: int, multiprocessors: int) -> int:
-    """Enough programs for ~4 per multiprocessor, at most 16 splits."""
-    return max(1, min(16, triton.cdiv(4 * multiprocessors, rows * num_kv_heads)))
+    """About 8 programs per multiprocessor, 1 to 16 splits.
+
+    Nsight Compute on an H200 (132 multiprocessors), batch 16 x 8 KV heads: 8 splits took
+    117K-120K cycles a layer against 143K-146K at 5 (4 programs per multiprocessor): with
+    ~3 programs resident per multiprocessor, more and shorter programs leave less of a
+    last partial wave.
+    """
+    return max(1, min(16, 8 * multiprocessors // (rows * num_kv_heads)))
 
 
 @functools.cache
@@ -288,7 +309,7 @@ def packed_decode_attention(
             power of two; blocks past a page's end are masked; default the page's
             blocks rounded up to a power of two, at most ``DEFAULT_TILE_BLOCKS``).
             Fewer mean more iterations of less work each.
-        num_warps: warps of a program (default ``DEFAULT_NUM_WARPS`` of the bit width).
+        num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
         num_stages: pipeline stages of the tile loop (default ``DEFAULT_NUM_STAGES``).
 
     The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
@@ -330,7 +351,7 @@ def packed_decode_attention(
         G_PAD=g_pad, TILE_BLOCKS=tile_blocks,
         TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
         DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
-        num_warps=num_warps or DEFAULT_NUM_WARPS[layout.bits],
+        num_warps=num_warps or DEFAULT_NUM_WARPS,
         num_stages=num_stages or DEFAULT_NUM_STAGES,
     )  # fmt: skip
     _merge_splits_kernel[(rows, layout.num_kv_heads)](

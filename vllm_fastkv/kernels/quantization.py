@@ -131,11 +131,18 @@ _COPY_BLOCK = 1024
 
 
 def check_kernel_layout(layout: LowBitLayout) -> None:
-    """The Triton kernels tile whole blocks, heads and value groups: powers of two only."""
+    """The Triton kernels tile whole blocks, heads and value groups (powers of two), and
+    take one scale for all codes of a packed word."""
     for name in ("block_size", "head_dim", "value_group", "value_groups"):
         value = getattr(layout, name)
         if value & (value - 1):
             raise ValueError(f"low-bit KV kernels need a power-of-two {name}, got {value}")
+    if layout.value_group % layout.per_word:
+        # The decode kernel dequantises a word's codes with one scale.
+        raise ValueError(
+            f"low-bit KV kernels need kv_group_size a multiple of {layout.per_word} at "
+            f"{layout.bits} bits, got {layout.value_group}"
+        )
 
 
 def pack_kv(
