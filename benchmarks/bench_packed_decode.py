@@ -13,7 +13,12 @@ the kernel's own choice) it reports the time of
 :func:`~vllm_fastkv.kernels.packed_decode_attention` (the median of ``--rounds``
 ``do_bench`` medians, L2 flushed, taken over all configurations in turn), its floor
 (packed page bytes + full-precision tail bytes read once / measured copy bandwidth) and
-the relative error against the torch reference.
+the relative error against the torch reference. With ``--ncu`` it times nothing and
+launches each configuration twice (compile, then the launch to profile):
+
+    ncu --clock-control none -k regex:_packed_decode_kernel \
+      --metrics sm__cycles_elapsed.max,launch__registers_per_thread \
+      python benchmarks/bench_packed_decode.py --out x.json --ncu ...
 """
 
 from __future__ import annotations
@@ -86,6 +91,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5,
                         help="timings of every configuration, interleaved; the median is kept")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench time per timing")
+    parser.add_argument("--ncu", action="store_true",
+                        help="time nothing: launch every configuration once more after its "
+                             "compiling launch, in the order printed, for Nsight Compute's "
+                             "clock-independent cycle counts (timings vary up to 3x between "
+                             "machines)")  # fmt: skip
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     default = decode_splits(args.batch, args.num_kv_heads, torch.device("cuda"))
@@ -111,6 +121,16 @@ def main() -> None:
                                  "num_warps": warps, "num_stages": stages,
                                  "default_splits": splits == default, "pages_per_row": pages,
                                  "floor_ms": floor_ms, "rel_error": err, "ms_rounds": []}))
+    if args.ncu:
+        for call, row in cases:
+            call()
+            print(f"launch {row['bits']}-bit tile_blocks={row['tile_blocks']} "
+                  f"warps={row['num_warps']} stages={row['num_stages']} splits={row['splits']}")
+        torch.cuda.synchronize()
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "config": vars(args),
+                       "launch_order": [row for _, row in cases]}, f, indent=2)  # fmt: skip
+        return
     # Rounds over all configurations in turn: a drift of the GPU's clocks or of a
     # neighbour's load during the sweep then lands on every configuration, not on a few.
     for _ in range(args.rounds):
