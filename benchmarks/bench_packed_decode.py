@@ -18,16 +18,22 @@ launches each configuration twice (compile, then the launch to profile):
 
     ncu --clock-control none -k regex:_packed_decode_kernel \
       --metrics sm__cycles_elapsed.max,launch__registers_per_thread \
-      python benchmarks/bench_packed_decode.py --out x.json --ncu ...
+      python benchmarks/bench_packed_decode.py --out x.json --ncu ... > ncu.csv
+    python benchmarks/bench_packed_decode.py --out x.json --ncu-table ncu.csv
+
+The second command (no GPU needed) joins the profiled launches' metrics to the
+configurations recorded in ``x.json`` and prints them.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import itertools
 import json
 import statistics
+from collections import defaultdict
 
 import torch
 import triton
@@ -69,6 +75,25 @@ def packed_batch(args: argparse.Namespace, bits: int):
     return inputs, layout, pages, floor_bytes
 
 
+def ncu_rows(csv_text: str, launches: list[dict]) -> list[dict]:
+    """Nsight Compute's ``--csv`` output (one metric a line; other lines ignored) joined
+    to ``launches``, the configurations in launch order, each launched twice: the second
+    launch is the one whose metrics count (the first compiled it)."""
+    lines = [line for line in csv_text.splitlines() if line.startswith('"')]
+    metrics: dict[int, dict[str, float | str]] = defaultdict(dict)
+    for record in csv.DictReader(lines):
+        value = record["Metric Value"].replace(",", "")
+        try:
+            metrics[int(record["ID"])][record["Metric Name"]] = float(value)
+        except ValueError:
+            metrics[int(record["ID"])][record["Metric Name"]] = value
+    ids = sorted(metrics)
+    if len(ids) != 2 * len(launches):
+        raise ValueError(f"{len(ids)} profiled launches for {len(launches)} configurations "
+                         "launched twice each")  # fmt: skip
+    return [{**config, "ncu": metrics[ids[2 * i + 1]]} for i, config in enumerate(launches)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,7 +121,21 @@ def main() -> None:
                              "compiling launch, in the order printed, for Nsight Compute's "
                              "clock-independent cycle counts (timings vary up to 3x between "
                              "machines)")  # fmt: skip
+    parser.add_argument("--ncu-table", metavar="CSV",
+                        help="print the metrics of an Nsight Compute CSV of a --ncu run "
+                             "against the configurations it wrote to --out (no GPU)")  # fmt: skip
     args = parser.parse_args()
+    if args.ncu_table:
+        with open(args.out) as f:
+            launches = json.load(f)["launch_order"]
+        with open(args.ncu_table) as f:
+            for row in ncu_rows(f.read(), launches):
+                config = " ".join(f"{key}={row[key]}" for key in
+                                  ("bits", "tile_blocks", "num_warps", "num_stages", "splits"))
+                print(config, " ".join(f"{name}={value:g}" if isinstance(value, float)
+                                       else f"{name}={value}"
+                                       for name, value in row["ncu"].items()))  # fmt: skip
+        return
     bandwidth = copy_bandwidth()
     default = decode_splits(args.batch, args.num_kv_heads, torch.device("cuda"))
     cases = []
