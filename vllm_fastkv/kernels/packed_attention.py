@@ -85,6 +85,19 @@ def _dequantize(words, scale, minimum, BITS: tl.constexpr):
 
 
 @triton.jit
+def _dequantize_rows(words, scale, minimum, BITS: tl.constexpr):
+    """:func:`_dequantize` with each word's codes along the first axis: words ``[A, W]``
+    give ``[A * (32 / BITS), W]``, row ``a * (32 / BITS) + i`` holding code ``i`` of the
+    words of row ``a``."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    bits = words.to(tl.uint32, bitcast=True)
+    values = _dequantized_codes(bits, scale, minimum, 0, 1, PER_WORD, BITS)
+    values = tl.permute(tl.reshape(values, [words.shape[0], words.shape[1], PER_WORD]),
+                        (0, 2, 1))
+    return tl.reshape(values, [words.shape[0] * PER_WORD, words.shape[1]])
+
+
+@triton.jit
 def _dequantized_codes(bits, scale, minimum, first: tl.constexpr, stride: tl.constexpr,
                        count: tl.constexpr, BITS: tl.constexpr):
     """Codes ``first, first + stride, ...`` (``count`` of them) of every word, dequantised,
@@ -175,17 +188,21 @@ def _packed_decode_kernel(
             k_min = tl.load(k_halves + KEY_MIN, mask=word_valid, other=0.0).to(tl.float32)
             k_t = _dequantize(k_words, k_scale, k_min, BITS)
             # Values [TILE, DIM]: word w of a token holds channels of group
-            # w * PER_WORD // VGROUP.
-            v_words = tl.load(words_ptr + block_base[:, None] + VALUE_CODES
-                              + row_tok[:, None] * VALUE_WORDS + vword[None, :],
-                              mask=row_valid[:, None], other=0)
-            grp = (2 * block_base[:, None] + row_tok[:, None] * NG
-                   + (vword * PER_WORD // VGROUP)[None, :])
-            v_scale = tl.load(halves_ptr + grp + VALUE_SCALE, mask=row_valid[:, None],
+            # w * PER_WORD // VGROUP. Dequantised as [DIM, TILE] and transposed, which
+            # leaves each thread consecutive channels of a token as the dot's shared-memory
+            # operand is laid out: stored 16 bytes at a time, not element by element (sm_90,
+            # 2 bits, whole pages: 8 STS.128 for 64 STS.U16 a thread and tile, 5% fewer
+            # instructions, 2 fewer barriers; not yet timed).
+            v_words = tl.load(words_ptr + block_base[None, :] + VALUE_CODES
+                              + row_tok[None, :] * VALUE_WORDS + vword[:, None],
+                              mask=row_valid[None, :], other=0)
+            grp = (2 * block_base[None, :] + row_tok[None, :] * NG
+                   + (vword * PER_WORD // VGROUP)[:, None])
+            v_scale = tl.load(halves_ptr + grp + VALUE_SCALE, mask=row_valid[None, :],
                               other=0.0).to(tl.float32)
-            v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[:, None],
+            v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[None, :],
                             other=0.0).to(tl.float32)
-            v = _dequantize(v_words, v_scale, v_min, BITS)
+            v = tl.trans(_dequantize_rows(v_words, v_scale, v_min, BITS))
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
                                     row_valid, DOT_PRECISION)
         # Full-precision blocks after the packed pages, the same split's share of them.
