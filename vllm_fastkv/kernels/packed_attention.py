@@ -47,8 +47,10 @@ DEFAULT_TILE_BLOCKS = 4
 #: Warps of a program and software-pipeline stages of the tile loop. Timed sweeps on H200s
 #: vary up to 3x between machines and runs (docs/BENCHMARKS.md), so these come from
 #: Nsight Compute's cycle counts of single launches (clock-independent): 4 warps and one
-#: stage at both widths (2-bit whole pages: 143K cycles against 151K at 2 warps; 4-bit
-#: 2-block tiles: 157K against 173K); 8 warps and 3 stages were slower in every sweep.
+#: stage at both widths (2-bit whole pages at 8 splits: 117K cycles, the best cell
+#: measured; 2 warps, 136K at 5 splits against 143K at 4 warps, were not measured at 8;
+#: 4-bit 2-block tiles: 157K against 173K at 2 warps); 8 warps and 3 stages were slower
+#: in every timed sweep.
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 1
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
