@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_fastkv.packed_layout import codes_per_word
 from vllm_fastkv.reference.scoring import token_budget
 
 #: Key of the FastKV section inside vLLM's ``additional_config``.
@@ -122,10 +123,10 @@ class FastKVConfig(BaseModel):
             raise ValueError(
                 f"pool_kernel must be odd so pooling keeps the token count (got {self.pool_kernel})"
             )
-        if self.kv_bits < 16 and self.kv_group_size % (32 // self.kv_bits):
+        if self.kv_bits < 16 and self.kv_group_size % codes_per_word(self.kv_bits):
             raise ValueError(
-                f"kv_group_size must be a multiple of {32 // self.kv_bits} at kv_bits "
-                f"{self.kv_bits}, the codes of one packed word (got {self.kv_group_size})"
+                f"kv_group_size must be a multiple of {codes_per_word(self.kv_bits)} at "
+                f"kv_bits {self.kv_bits}, the codes of one packed word (got {self.kv_group_size})"
             )
         if self.mode == "constant":
             for name in ("max_capacity_prompt", "tsp_len"):

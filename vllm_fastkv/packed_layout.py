@@ -37,6 +37,12 @@ _HALF_BYTES = 2
 _WORD_BYTES = 4
 
 
+def codes_per_word(bits: int) -> int:
+    """Codes of ``bits`` bits per int32 word (the decode kernel gives all of them one
+    scale, so a value group holds whole words: the config checks it at start-up)."""
+    return _WORD_BITS // bits
+
+
 @dataclass(frozen=True)
 class LowBitLayout:
     """The packed layout of one layer's pages (see the module docstring)."""
@@ -79,7 +85,7 @@ class LowBitLayout:
     @property
     def per_word(self) -> int:
         """Codes per int32 word."""
-        return _WORD_BITS // self.bits
+        return codes_per_word(self.bits)
 
     @property
     def key_words(self) -> int:

@@ -80,10 +80,8 @@ def _dequantize(words, scale, minimum, BITS: tl.constexpr):
     and the codes of a word are joined along a new axis held by the same thread: no
     broadcast of scales and no word replicated across threads.
     """
-    PER_WORD: tl.constexpr = 32 // BITS
-    bits = words.to(tl.uint32, bitcast=True)
-    values = _dequantized_codes(bits, scale, minimum, 0, 1, PER_WORD, BITS)
-    return tl.reshape(values, [words.shape[0], words.shape[1] * PER_WORD])
+    values = _word_codes(words, scale, minimum, BITS)
+    return tl.reshape(values, [words.shape[0], words.shape[1] * values.shape[2]])
 
 
 @triton.jit
@@ -91,12 +89,17 @@ def _dequantize_rows(words, scale, minimum, BITS: tl.constexpr):
     """:func:`_dequantize` with each word's codes along the first axis: words ``[A, W]``
     give ``[A * (32 / BITS), W]``, row ``a * (32 / BITS) + i`` holding code ``i`` of the
     words of row ``a``."""
+    values = tl.permute(_word_codes(words, scale, minimum, BITS), (0, 2, 1))
+    return tl.reshape(values, [words.shape[0] * values.shape[1], words.shape[1]])
+
+
+@triton.jit
+def _word_codes(words, scale, minimum, BITS: tl.constexpr):
+    """The dequantised codes of int32 words ``[A, W]``: ``[A, W, 32 / BITS]``."""
     PER_WORD: tl.constexpr = 32 // BITS
     bits = words.to(tl.uint32, bitcast=True)
     values = _dequantized_codes(bits, scale, minimum, 0, 1, PER_WORD, BITS)
-    values = tl.permute(tl.reshape(values, [words.shape[0], words.shape[1], PER_WORD]),
-                        (0, 2, 1))
-    return tl.reshape(values, [words.shape[0] * PER_WORD, words.shape[1]])
+    return tl.reshape(values, [words.shape[0], words.shape[1], PER_WORD])
 
 
 @triton.jit
