@@ -29,7 +29,10 @@ EXPECTED_ROWS = {
 }
 SMOKE_ENV = {
     "LOADTEST_MAX_TOKENS": "16",
-    "LOADTEST_RAG_PROMPT_CHARS": "2000",
+    # The tiny model's byte-level tokenizer can take ~1 token a character: 2,000 document
+    # characters plus template and question once came to 2,033 prompt tokens, which with
+    # 16 output tokens overflows the server's 2,048 (a 400, counted as a failure).
+    "LOADTEST_RAG_PROMPT_CHARS": "1500",
     "LOADTEST_STREAM_PROMPT_CHARS": "800",
     "LOADTEST_WAIT_MIN": "0.1",
     "LOADTEST_WAIT_MAX": "0.5",
