@@ -186,9 +186,11 @@ def test_full_cudagraphs_are_refused():
 
 def test_views_of_packed_rows():
     """With low-bit KV, a packed decode row reads from its start slot like any compressed
-    row; vLLM's attention sees one token of it and the packed attention the real length;
-    a page packed in this step names its R blocks from the shifted table; a packed row
-    with several queries is refused (packed rows attend one query each)."""
+    row. In a mixed batch vLLM's attention sees one token of it and the packed attention
+    the real length, and the other rows are marked -1 (vLLM's); in a batch of single-token
+    decode rows the packed attention takes every row and vLLM's is skipped. A page packed
+    in this step names its R blocks from the shifted table; a packed row with several
+    queries is refused (packed rows attend one query each)."""
     from vllm_fastkv.packed_layout import LowBitLayout
     from vllm_fastkv.retention_metadata import RetentionViews
 
@@ -199,16 +201,42 @@ def test_views_of_packed_rows():
     views = RetentionViews(settings, 4, BLOCK, torch.device("cpu"), layout, stage)
     common = _common([1, 1, 30], [300, 120, 30], blocks_per_row=20)
     shifted, packed = views.apply(common, starts=[32, 96, 0], packed=[1, 0, 0], pack=[(0, 0)])
-    assert shifted.seq_lens.tolist() == [1, 120 - 96, 30]
-    assert packed.pages.tolist() == [1, 0, 0] and packed.seq_lens.tolist() == [268, 24, 30]
+    assert shifted.seq_lens.tolist() == [1, 120 - 96, 30] and not packed.attends_all
+    assert packed.pages.tolist() == [1, -1, -1] and packed.seq_lens.tolist() == [268, 24, 30]
     assert torch.equal(packed.block_table[0, :6], common.block_table_tensor[0, 2:8])
     assert packed.pack_count.tolist() == [1]
     assert torch.equal(packed.pack_src[0], common.block_table_tensor[0, 2 : 2 + per_page])
     # Buffers are rewritten every step: a step without packed rows clears them.
     _, packed = views.apply(common, starts=[32, 96, 0], packed=[])
-    assert packed.pages.tolist() == [0, 0, 0] and packed.pack_count.tolist() == [0]
+    assert packed.pages.tolist() == [-1, -1, -1] and packed.pack_count.tolist() == [0]
+    decode = _common([1, 1, 1], [300, 120, 30], blocks_per_row=20)
+    shifted, packed = views.apply(decode, starts=[32, 96, 0], packed=[1, 0])
+    assert packed.attends_all and packed.pages.tolist() == [1, 0, 0]
+    assert shifted.seq_lens.tolist() == packed.seq_lens.tolist() == [268, 24, 30]
     with pytest.raises(RuntimeError, match="decode only"):
         views.apply(common, starts=[0, 0, 0], packed=[0, 0, 1])
     plain = RetentionViews(FastKVConfig.validated({"retain_rate": 0.25}), 4, BLOCK,
                            torch.device("cpu"))  # fmt: skip
     assert plain.apply(common, [224, 96, 0], [])[1] is None
+
+
+def test_low_bit_keeps_full_cudagraphs_for_single_token_decode_only():
+    """A full graph captured from a batch of single-token decode rows has no call of
+    vLLM's attention (the packed-KV kernel attends every row), so with low-bit KV the
+    builder allows full graphs of such batches only; without it, vLLM's level stands."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadataBuilder
+
+    from vllm_fastkv.attention_backend import FastKVTritonMetadataBuilder
+
+    def support(fastkv: dict) -> AttentionCGSupport:
+        section = FastKVConfig.validated(fastkv).model_dump()
+        config = SimpleNamespace(additional_config={"fastkv": section})
+        return FastKVTritonMetadataBuilder.get_cudagraph_support(config, None)
+
+    stock = TritonAttentionMetadataBuilder.get_cudagraph_support(SimpleNamespace(), None)
+    assert stock == AttentionCGSupport.ALWAYS
+    assert support({"retain_rate": 0.1}) == stock
+    assert support({"retain_rate": 0.1, "kv_bits": 2}) == (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    )

@@ -67,7 +67,8 @@ class _CompressAfterAttention:
     The step that completes a prompt attends over the whole prompt as stock vLLM does;
     only then is this layer's prompt KV reduced to its retained entries (and, with
     low-bit KV, packed). Rows whose KV is packed get their output from the packed-KV
-    attention, after vLLM's (which saw one token of them).
+    attention, after vLLM's (which saw one token of them); in a batch of single-token
+    decode rows the packed-KV attention computes every row and vLLM's is not called.
     """
 
     head_size: int
@@ -86,12 +87,13 @@ class _CompressAfterAttention:
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        output = super().forward(  # type: ignore[misc]
-            layer, query, key, value, kv_cache, attn_metadata, output,
-            output_scale, output_block_scale,
-        )  # fmt: skip
         batch = getattr(attn_metadata, COMPRESSION_ATTR, None)
         packed = getattr(attn_metadata, PACKED_ATTR, None)
+        if packed is None or not packed.attends_all:
+            output = super().forward(  # type: ignore[misc]
+                layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale, output_block_scale,
+            )  # fmt: skip
         if batch is None and packed is None:
             return output
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)

@@ -4,12 +4,14 @@ With ``kv_bits`` 4 or 2, the step that compresses a prompt also folds its kept s
 every layer right after compaction, into packed pages (:func:`pack_prompt_pages`); the
 scheduler then returns all but the first block of every page to vLLM's pool
 (:mod:`vllm_fastkv.retention_scheduler`), so the freed memory is counted by vLLM's own
-free-block accounting and admits more requests. In later steps the metadata builder cuts
-a packed row's length to one token for vLLM's attention, which then costs almost nothing
-for it. As a decoding request grows by a page past ``kv_residual``, the scheduler asks
-for one more page: :func:`pack_decode_pages` packs it in every layer of that step. Then
-:func:`attend_packed` computes that row's attention over its packed pages
-and full-precision blocks and writes it over the output. Packed rows are decode rows
+free-block accounting and admits more requests. As a decoding request grows by a page
+past ``kv_residual``, the scheduler asks for one more page: :func:`pack_decode_pages`
+packs it in every layer of that step. Then :func:`attend_packed` computes the decode
+rows' attention over their packed pages and full-precision blocks. In a batch of
+single-token decode rows it attends every row, packed or not, and vLLM's attention is not
+called at all (its launches cost ~12 us a layer even over one token a row); in a mixed
+batch vLLM's attention runs first, with a packed row's length cut to one token, and
+:func:`attend_packed` overwrites the packed rows' outputs. Packed rows are decode rows
 (one query): packing happens when the prompt is complete, and a preempted request is
 recomputed from scratch.
 
@@ -37,9 +39,11 @@ PACKED_ATTR = "fastkv_packed"
 class PackedRows:
     """A step's rows as packed-KV attention reads them (persistent buffers, all rows).
 
-    ``pages[i]``: packed pages at the front of row ``i``'s shifted block table (0: the row
-    has none and keeps vLLM's attention output); ``seq_lens[i]``: the tokens the row
-    attends to from its start slot on.
+    ``pages[i]``: packed pages at the front of row ``i``'s shifted block table (0: none,
+    the row is attended over its full-precision blocks; -1: the row keeps vLLM's attention
+    output); ``seq_lens[i]``: the tokens the row attends to from its start slot on.
+    ``attends_all``: a batch of single-token decode rows, all attended here, so vLLM's
+    attention is skipped (a CUDA graph captured for such a batch has no call of it).
     """
 
     pages: torch.Tensor  # int32 [rows]
@@ -52,6 +56,7 @@ class PackedRows:
     pack_src: torch.Tensor
     pack_count: torch.Tensor
     stage: torch.Tensor
+    attends_all: bool
 
 
 def engine_layout(kv_cache_spec: Any, settings: FastKVConfig) -> LowBitLayout:
@@ -125,10 +130,10 @@ def attend_packed(
     *,
     scale: float,
 ) -> None:
-    """Overwrite the output of every row with packed pages by its attention over them.
+    """Write the attention output of every row with ``rows.pages >= 0``.
 
     On CUDA the kernel is launched for every step, packed rows or not, so decode steps
-    captured in CUDA graphs replay it; rows without pages return at once.
+    captured in CUDA graphs replay it; rows marked -1 return at once.
     """
     decode = kernels.packed_decode_attention if key_cache.is_cuda else (
         kernels.packed_decode_attention_ref

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
 
 from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.engine_config import engine_fastkv_config
@@ -236,9 +236,8 @@ class RetentionViews:
     ) -> tuple[CommonAttentionMetadata, PackedRows | None]:
         """``common`` with row ``i`` reading its cache from slot ``starts[i]`` on, and, with
         low-bit KV, the rows' packed pages (``packed[i]``, including pages ``pack``
-        ``(row, page)`` packs in this step): vLLM's attention then sees one token of a
-        packed row, whose output :func:`~vllm_fastkv.kv_quantization.attend_packed`
-        replaces."""
+        ``(row, page)`` packs in this step) for
+        :func:`~vllm_fastkv.kv_quantization.attend_packed`."""
         table = common.block_table_tensor
         rows, width = table.shape
         seq_rows = common.seq_lens.shape[0]
@@ -277,9 +276,14 @@ class RetentionViews:
         packed: list[int],
         pack: list[tuple[int, int]],
     ) -> PackedRows:
-        """Fill the packed-row buffers (every step, so captured graphs see current values)
-        and cut packed rows to one token in ``lens``, which vLLM's attention reads."""
+        """Fill the packed-row buffers (every step, so captured graphs see current values).
+
+        A batch of single-token decode rows is attended by the packed-KV kernel alone
+        (every row ``pages >= 0``). In other batches rows without packed pages are marked
+        -1, for vLLM's attention, which sees one token of each packed row (``lens`` cut).
+        """
         seq_rows = lens.shape[0]
+        attends_all = common.max_query_len == 1
         if any(packed):
             query_start = common.query_start_loc_cpu.tolist()
             for row, pages in enumerate(packed):
@@ -289,13 +293,18 @@ class RetentionViews:
                         f"{query_start[row + 1] - query_start[row]} queries (decode only)"
                     )
         host = self._packed_host[:seq_rows]
-        host.zero_()
-        host[: len(packed)] = torch.tensor(packed, dtype=torch.int32)
+        host.fill_(0 if attends_all else -1)
+        if attends_all:
+            host[: len(packed)] = torch.tensor(packed, dtype=torch.int32)
+        else:
+            host[: len(packed)] = torch.tensor([pages or -1 for pages in packed],
+                                               dtype=torch.int32)  # fmt: skip
         pages = self.packed_pages[:seq_rows]
         pages.copy_(host, non_blocking=True)
         packed_lens = self.packed_lens[:seq_rows]
         packed_lens.copy_(lens)
-        lens.masked_fill_(pages > 0, 1)
+        if not attends_all:
+            lens.masked_fill_(pages > 0, 1)
         # A page packed now: the R blocks from column page * R of the row's shifted table.
         self.pack_count.fill_(len(pack))
         if pack:
@@ -307,7 +316,8 @@ class RetentionViews:
             self.pack_src[: len(pack)].copy_(src.view(len(pack), per_page))
         # The packing launches span the batch's rows (at most one page per row and step).
         return PackedRows(pages, packed_lens, table, common.query_start_loc, self.layout,
-                          self.pack_src[:seq_rows], self.pack_count, self.stage)  # fmt: skip
+                          self.pack_src[:seq_rows], self.pack_count, self.stage,
+                          attends_all)  # fmt: skip
 
     def compression_batch(
         self, common: CommonAttentionMetadata, entries: list[CompressEntry], step: StepRows
@@ -346,6 +356,18 @@ class RetentionMetadataBuilderMixin:
 
     # The runner may not hand this builder's metadata a different block table.
     supports_update_block_table: bool = False
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """With low-bit KV, full CUDA graphs of single-token decode batches only: those
+        are captured without vLLM's attention (the packed-KV kernel attends every row),
+        and vLLM replays a graph captured from such a batch for mixed batches of as many
+        tokens otherwise (their other batches run piecewise, attention eager)."""
+        support = super().get_cudagraph_support(vllm_config, kv_cache_spec)
+        if engine_fastkv_config(vllm_config).quantizes:
+            return min(support, AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE,
+                       key=lambda level: level.value)  # fmt: skip
+        return support
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)

@@ -184,20 +184,22 @@ def _dense_attention(query, keys, values, scale):
 def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stages, paged_kv,
                                  device, poison_empty):
     """Triton vs reference over rows with 0, 1 or 2 packed pages and ragged full-precision
-    tails, with the tiles split over the default, 1 or 7 programs (more splits than a row
-    has tiles: some splits find none) and tiles of the default (the page, up to 4 blocks),
-    4 or 2 blocks (pages of 2, 5 or 9 blocks: tile blocks past a page's end masked), at the
-    default, 8 or 2 warps and the default (1), 2 or 4 pipeline stages (on a GPU: other
-    layouts and schedules of the same tiles); rows without pages keep what the output held;
-    the reference itself equals dense attention over the dequantised pages plus the
-    full-precision tokens."""
+    tails (a row of 0 pages: full-precision blocks only), with the tiles split
+    over the default, 1 or 7 programs (more splits than a row has tiles: some splits find
+    none) and tiles of the default (the page, up to 4 blocks), 4 or 2 blocks (pages of 2, 5
+    or 9 blocks: tile blocks past a page's end masked), at the default, 8 or 2 warps and the
+    default (1), 2 or 4 pipeline stages (on a GPU: other layouts and schedules of the same
+    tiles); rows marked -1 and a padding row without a query keep what the output held, a
+    row with a query but no visible token gets zeros; the reference itself equals dense
+    attention over the dequantised pages plus the full-precision tokens."""
     bits, heads, head_dim, block_size, value_group, dtype = case
     layout_probe = LowBitLayout.for_cache(
         torch.empty(1, block_size, heads, head_dim, dtype=dtype), bits, value_group
     )
     page_tokens = layout_probe.page_tokens
-    seq_lens = [2 * page_tokens + 5, page_tokens + block_size, 37, page_tokens + 1]
-    pages_per_row = [2, 1, 0, 1]
+    seq_lens = [2 * page_tokens + 5, page_tokens + block_size, 37, page_tokens + 1,
+                9 * block_size + 3, 0, 0]
+    pages_per_row = [2, 1, -1, 1, 0, 0, 0]
     paged = paged_kv(seq_lens, num_kv_heads=heads, head_dim=head_dim, block_size=block_size,
                      dtype=dtype, seed=7)  # fmt: skip
     layout = LowBitLayout.for_cache(paged.key_cache, bits, value_group)
@@ -207,7 +209,9 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stage
     # Row i's query sits at token 2 * i (other tokens belong to nobody).
     query = torch.randn(2 * len(seq_lens), num_q_heads, head_dim, generator=gen).to(dtype)
     query = query.to(device)
+    # The last row is padding: no query (its start is the end of the batch's tokens).
     qsl = torch.arange(0, 2 * len(seq_lens) + 1, 2, dtype=torch.int32, device=device)
+    qsl[-1] = qsl[-2]
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
     args = (query, paged.key_cache, paged.value_cache, paged.block_table, qsl, lens, packed)
@@ -216,12 +220,14 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stage
                                   splits=splits, tile_blocks=tile_blocks, num_warps=num_warps,
                                   num_stages=num_stages)
     ref = packed_decode_attention_ref(*args, marker.clone(), scale=scale, layout=layout)
-    rows = [2 * i for i, n in enumerate(pages_per_row) if n]
-    assert (out[4] == 7.0).all() and (ref[4] == 7.0).all()  # row 2: no pages
+    rows = [0, 2, 6, 8]
+    for untouched in (4, 12):  # row 2 (marked -1) and row 6 (padding)
+        assert (out[untouched] == 7.0).all() and (ref[untouched] == 7.0).all()
+    assert (out[10] == 0).all() and (ref[10] == 0).all()  # row 5: nothing to attend
     err = (out[rows].float() - ref[rows].float()).norm() / ref[rows].float().norm()
     assert err < TOLERANCE[dtype], err
     # Reference vs dense attention over what the pages and blocks hold.
-    for i in (0, 1):
+    for i in (0, 1, 4):
         row = paged.block_table[i].long()
         n = pages_per_row[i]
         keys, values = unpack_pages_ref(paged.key_cache, row[: n * layout.blocks_per_page :

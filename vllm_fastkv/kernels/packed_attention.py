@@ -7,12 +7,15 @@ blocks. :func:`packed_decode_attention` computes such a row's decode attention i
 online-softmax pass over both parts: packed codes are dequantised in registers (a
 full-precision copy never exists in memory), full-precision blocks are read as they
 are. It reads a packed token's ``2 x head_dim x bits / 8`` bytes plus its share of the
-scales instead of ``2 x head_dim x 2``.
+scales instead of ``2 x head_dim x 2``. A row with ``n = 0`` is attended over its
+full-precision blocks alone, so a batch of decode rows needs no other attention; rows
+marked ``n = -1`` are skipped (left to vLLM's attention), so the grid depends only on the
+batch size: CUDA graphs capture it once.
 
-The serving path runs vLLM's own attention over the batch first (with a packed row's
-length cut to one token, so it reads almost nothing for it) and then this kernel, which
-overwrites the packed rows' outputs. Rows with no packed page are skipped inside the
-kernel, so the grid depends only on the batch size: CUDA graphs capture it once.
+The serving path (:mod:`vllm_fastkv.kv_quantization`): in a batch of single-token decode
+rows this kernel attends every row and vLLM's attention is not called; in a mixed batch
+vLLM's attention runs first (with a packed row's length cut to one token, so it reads
+almost nothing for it) and this kernel overwrites the packed rows' outputs.
 
 A decode batch has few (row, KV head) pairs, fewer than a GPU's multiprocessors at batch
 16 with 8 KV heads, and one program walking a 32K-token row's retained pages tile by tile
@@ -142,13 +145,14 @@ def _packed_decode_kernel(
     h = tl.program_id(1)
     split = tl.program_id(2)
     num_pages = tl.load(packed_ptr + row)
-    if num_pages > 0:
+    token = tl.load(qsl_ptr + row).to(tl.int64)
+    # Rows marked -1 are not this kernel's; rows without a query are batch padding.
+    if (num_pages >= 0) & (tl.load(qsl_ptr + row + 1) > token):
         PER_WORD: tl.constexpr = 32 // BITS
         KEY_WORDS: tl.constexpr = BLOCK // PER_WORD
         VALUE_WORDS: tl.constexpr = DIM // PER_WORD
         NG: tl.constexpr = DIM // VGROUP
         seq_len = tl.load(seq_lens_ptr + row)
-        token = tl.load(qsl_ptr + row).to(tl.int64)
         m = tl.arange(0, G_PAD)
         dim = tl.arange(0, DIM)
         tok = tl.arange(0, BLOCK)
@@ -210,7 +214,9 @@ def _packed_decode_kernel(
             v = tl.trans(_dequantize_rows(v_words, v_scale, v_min, BITS))
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
                                     row_valid, DOT_PRECISION)
-        # Full-precision blocks after the packed pages, the same split's share of them.
+        # Full-precision blocks after the packed pages, the same split's share of them,
+        # a block a step: wider gathered tiles cost registers (255 for 4-block tiles,
+        # 168 for 2, on sm_90) that every packed tile would pay for in occupancy.
         first = num_pages * R * BLOCK + split * BLOCK
         for start in range(first, seq_len, splits * BLOCK):
             block = tl.load(row_ptr + start // BLOCK).to(tl.int64)
@@ -240,8 +246,8 @@ def _merge_splits_kernel(
     """Program (row, KV head): softmax-merge the splits' partial outputs of its heads."""
     row = tl.program_id(0)
     h = tl.program_id(1)
-    if tl.load(packed_ptr + row) > 0:
-        token = tl.load(qsl_ptr + row).to(tl.int64)
+    token = tl.load(qsl_ptr + row).to(tl.int64)
+    if (tl.load(packed_ptr + row) >= 0) & (tl.load(qsl_ptr + row + 1) > token):
         m = tl.arange(0, G_PAD)
         dim = tl.arange(0, DIM)
         heads = h * group + m
@@ -261,7 +267,8 @@ def _merge_splits_kernel(
                 part_acc_ptr + (base + split)[:, None] * DIM + dim[None, :],
                 mask=head_mask[:, None], other=0.0,
             )  # fmt: skip
-        out = acc / tl.where(head_mask, l_all, 1.0)[:, None]
+        # No key at all (a padding row of a captured batch): zeros.
+        out = acc / tl.where(head_mask & (l_all > 0), l_all, 1.0)[:, None]
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
                  + dim[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
                  mask=head_mask[:, None])
@@ -312,18 +319,19 @@ def packed_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention of the rows with packed pages, written into ``output``.
+    """Decode attention of the rows this kernel attends, written into ``output``.
 
     Args:
         query, output: ``[num_tokens, num_q_heads, head_dim]``; row ``i``'s query is token
-            ``query_start_loc[i]`` (one query per packed row).
+            ``query_start_loc[i]`` (one query per attended row; a row without a query, as
+            batch padding has, is skipped).
         key_cache, value_cache: the layer's views ``[num_blocks, block_size, heads, dim]``.
         block_table: int32 ``[>= rows, max_blocks]``, as the row attends (shifted past
             any freed leading blocks).
         query_start_loc: int32 ``[>= rows + 1]``.
         seq_lens: int32 ``[rows]`` tokens each row attends to.
         packed_pages: int32 ``[rows]`` packed pages ``n`` at the front of each row (0: the
-            row is left untouched).
+            row has only full-precision blocks; -1: the row is left untouched).
         scale: softmax scale.
         layout: the packed layout of the cache's pages.
         splits: programs per (row, KV head); default :func:`decode_splits`.

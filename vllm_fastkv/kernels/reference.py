@@ -350,19 +350,23 @@ def packed_decode_attention_ref(
     scale: float,
     layout: LowBitLayout,
 ) -> torch.Tensor:
-    """Decode attention of rows whose first tokens are packed, into ``output``.
+    """Decode attention of the rows with ``packed_pages[i] = n >= 0``, into ``output``.
 
-    Row ``i`` with ``packed_pages[i] = n > 0`` has one query, ``query[query_start_loc[i]]``
-    (``[num_q_heads, head_dim]``), and ``seq_lens[i]`` visible tokens: the first ``n *
-    R * block_size`` in the packed pages ``block_table[i, k * R]`` (``k < n``), the rest in
-    full-precision blocks from column ``n * R`` on. Writes that query's output row; rows
-    with ``n == 0`` are left untouched. Softmax and products in fp32.
+    Such a row has one query, ``query[query_start_loc[i]]`` (``[num_q_heads,
+    head_dim]``), and ``seq_lens[i]`` visible tokens: the first ``n * R * block_size`` in the
+    packed pages ``block_table[i, k * R]`` (``k < n``), the rest in full-precision blocks
+    from column ``n * R`` on. Writes that query's output row (zeros without a visible
+    token); rows with ``n == -1`` or without a query (batch padding) are left untouched.
+    Softmax and products in fp32.
     """
     group = query.shape[1] // key_cache.shape[2]
     page_tokens = layout.page_tokens
     starts = query_start_loc.tolist()
     for i, (seq_len, n) in enumerate(zip(seq_lens.tolist(), packed_pages.tolist())):
-        if n <= 0:
+        if n < 0 or starts[i + 1] == starts[i]:
+            continue
+        if seq_len == 0:
+            output[starts[i]] = 0
             continue
         row = block_table[i].long()
         pages = row[: n * layout.blocks_per_page : layout.blocks_per_page]
