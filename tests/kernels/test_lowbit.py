@@ -275,7 +275,7 @@ kernels = [
           DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")),
     (packed_attention._merge_splits_kernel, dict(packed_ptr="*i32", qsl_ptr="*i32",
      part_max_ptr="*fp32", part_sum_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*bf16"),
-     dict(DIM=128, G_PAD=16)),
+     dict(DIM=128, G_PAD=4, SPLITS_PAD=16)),
 ]
 for kernel, pointers, constexprs in kernels:
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")

@@ -56,6 +56,9 @@ DEFAULT_TILE_BLOCKS = 4
 #: in every timed sweep.
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 1
+#: Most splits :func:`splits_for` chooses; the merge is compiled for this many (more when
+#: asked for explicitly), so every batch size shares one variant.
+MAX_SPLITS = 16
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -241,9 +244,15 @@ def _packed_decode_kernel(
 def _merge_splits_kernel(
     packed_ptr, qsl_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
     stride_ot, stride_oh, stride_od, group, num_q_heads, splits,
-    DIM: tl.constexpr, G_PAD: tl.constexpr,
+    DIM: tl.constexpr, G_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
-    """Program (row, KV head): softmax-merge the splits' partial outputs of its heads."""
+    """Program (row, KV head): softmax-merge the splits' partial outputs of its heads.
+
+    The splits' maxima are loaded at once (``SPLITS_PAD`` >= ``splits``, masked), then the
+    partials in chunks of ``16 / G_PAD`` splits: a loop over single splits waits on each
+    split's loads in turn, and this launch is short enough for those waits to be most of
+    it, while all splits at once would hold ``G_PAD x splits x DIM`` values a program."""
+    CHUNK: tl.constexpr = 16 // G_PAD if G_PAD < 16 else 1
     row = tl.program_id(0)
     h = tl.program_id(1)
     token = tl.load(qsl_ptr + row).to(tl.int64)
@@ -253,20 +262,23 @@ def _merge_splits_kernel(
         heads = h * group + m
         head_mask = m < group
         base = (row.to(tl.int64) * num_q_heads + heads) * splits
-        m_all = tl.full([G_PAD], -1e30, tl.float32)
-        for split in range(0, splits):
-            m_all = tl.maximum(m_all, tl.load(part_max_ptr + base + split, mask=head_mask,
-                                              other=-1e30))
+        s = tl.arange(0, SPLITS_PAD)
+        m_all = tl.max(tl.load(part_max_ptr + base[:, None] + s[None, :],
+                               mask=head_mask[:, None] & (s < splits)[None, :],
+                               other=-1e30), axis=1)  # fmt: skip
         l_all = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, DIM], tl.float32)
-        for split in range(0, splits):
-            weight = tl.exp2(tl.load(part_max_ptr + base + split, mask=head_mask,
-                                     other=-1e30) - m_all)
-            l_all += weight * tl.load(part_sum_ptr + base + split, mask=head_mask, other=0.0)
-            acc += weight[:, None] * tl.load(
-                part_acc_ptr + (base + split)[:, None] * DIM + dim[None, :],
-                mask=head_mask[:, None], other=0.0,
-            )  # fmt: skip
+        for first in range(0, splits, CHUNK):
+            chunk = first + tl.arange(0, CHUNK)
+            valid = head_mask[:, None] & (chunk < splits)[None, :]
+            part = base[:, None] + chunk[None, :]
+            weight = tl.exp2(tl.load(part_max_ptr + part, mask=valid, other=-1e30)
+                             - m_all[:, None])
+            l_all += tl.sum(weight * tl.load(part_sum_ptr + part, mask=valid, other=0.0), 1)
+            acc += tl.sum(weight[:, :, None] * tl.load(
+                part_acc_ptr + part[:, :, None] * DIM + dim[None, None, :],
+                mask=valid[:, :, None], other=0.0,
+            ), 1)  # fmt: skip
         # No key at all (a padding row of a captured batch): zeros.
         out = acc / tl.where(head_mask & (l_all > 0), l_all, 1.0)[:, None]
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
@@ -286,14 +298,14 @@ def decode_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
 
 
 def splits_for(rows: int, num_kv_heads: int, multiprocessors: int) -> int:
-    """About 8 programs per multiprocessor, 1 to 16 splits.
+    """About 8 programs per multiprocessor, 1 to ``MAX_SPLITS`` splits.
 
     Nsight Compute on an H200 (132 multiprocessors), batch 16 x 8 KV heads: 8 splits took
     117K-120K cycles a layer against 143K-146K at 5 (4 programs per multiprocessor): with
     ~3 programs resident per multiprocessor, more and shorter programs leave less of a
     last partial wave.
     """
-    return max(1, min(16, 8 * multiprocessors // (rows * num_kv_heads)))
+    return max(1, min(MAX_SPLITS, 8 * multiprocessors // (rows * num_kv_heads)))
 
 
 @functools.cache
@@ -386,6 +398,8 @@ def packed_decode_attention(
     )  # fmt: skip
     _merge_splits_kernel[(rows, layout.num_kv_heads)](
         packed_pages, query_start_loc, part_max, part_sum, part_acc, output,
-        *output.stride(), group, num_q_heads, splits, DIM=layout.head_dim, G_PAD=g_pad,
+        *output.stride(), group, num_q_heads, splits, DIM=layout.head_dim,
+        G_PAD=triton.next_power_of_2(group),  # no dot here: no padding to 16 rows
+        SPLITS_PAD=triton.next_power_of_2(max(splits, MAX_SPLITS)),
     )  # fmt: skip
     return output
