@@ -294,11 +294,8 @@ class RetentionViews:
                     )
         host = self._packed_host[:seq_rows]
         host.fill_(0 if attends_all else -1)
-        if attends_all:
-            host[: len(packed)] = torch.tensor(packed, dtype=torch.int32)
-        else:
-            host[: len(packed)] = torch.tensor([pages or -1 for pages in packed],
-                                               dtype=torch.int32)  # fmt: skip
+        marked = packed if attends_all else [pages or -1 for pages in packed]
+        host[: len(packed)] = torch.tensor(marked, dtype=torch.int32)
         pages = self.packed_pages[:seq_rows]
         pages.copy_(host, non_blocking=True)
         packed_lens = self.packed_lens[:seq_rows]

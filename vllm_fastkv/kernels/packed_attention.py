@@ -124,6 +124,14 @@ def _dequantized_codes(bits, scale, minimum, first: tl.constexpr, stride: tl.con
         return tl.join(even, odd)
 
 
+@triton.jit
+def _attended_row(packed_ptr, qsl_ptr, row):
+    """Row ``row``'s query token, and whether the decode and merge kernels attend it: rows
+    marked -1 are left to vLLM's attention, rows without a query are batch padding."""
+    token = tl.load(qsl_ptr + row).to(tl.int64)
+    return token, (tl.load(packed_ptr + row) >= 0) & (tl.load(qsl_ptr + row + 1) > token)
+
+
 # The split count follows the batch size (decode_splits): as a compile-time constant, or
 # specialised on (== 1, multiple of 16), every new batch size of an eager step (mixed
 # prefill and decode batches) would compile both kernels again in the middle of serving.
@@ -148,9 +156,8 @@ def _packed_decode_kernel(
     h = tl.program_id(1)
     split = tl.program_id(2)
     num_pages = tl.load(packed_ptr + row)
-    token = tl.load(qsl_ptr + row).to(tl.int64)
-    # Rows marked -1 are not this kernel's; rows without a query are batch padding.
-    if (num_pages >= 0) & (tl.load(qsl_ptr + row + 1) > token):
+    token, attended = _attended_row(packed_ptr, qsl_ptr, row)
+    if attended:
         PER_WORD: tl.constexpr = 32 // BITS
         KEY_WORDS: tl.constexpr = BLOCK // PER_WORD
         VALUE_WORDS: tl.constexpr = DIM // PER_WORD
@@ -255,8 +262,8 @@ def _merge_splits_kernel(
     CHUNK: tl.constexpr = 16 // G_PAD if G_PAD < 16 else 1
     row = tl.program_id(0)
     h = tl.program_id(1)
-    token = tl.load(qsl_ptr + row).to(tl.int64)
-    if (tl.load(packed_ptr + row) >= 0) & (tl.load(qsl_ptr + row + 1) > token):
+    token, attended = _attended_row(packed_ptr, qsl_ptr, row)
+    if attended:
         m = tl.arange(0, G_PAD)
         dim = tl.arange(0, DIM)
         heads = h * group + m
