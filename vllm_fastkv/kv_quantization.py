@@ -57,6 +57,9 @@ class PackedRows:
     pack_count: torch.Tensor
     stage: torch.Tensor
     attends_all: bool
+    #: int32 ``[max rows x num_kv_heads]``, zero between launches: the packed decode
+    #: kernel's per-(row, KV head) arrival counts of its splits, which every layer reuses.
+    arrivals: torch.Tensor
 
 
 def engine_layout(kv_cache_spec: Any, settings: FastKVConfig) -> LowBitLayout:
@@ -135,10 +138,10 @@ def attend_packed(
     On CUDA the kernel is launched for every step, packed rows or not, so decode steps
     captured in CUDA graphs replay it; rows marked -1 return at once.
     """
-    decode = kernels.packed_decode_attention if key_cache.is_cuda else (
-        kernels.packed_decode_attention_ref
-    )  # fmt: skip
-    decode(
-        query, key_cache, value_cache, rows.block_table, rows.query_start_loc, rows.seq_lens,
-        rows.pages, output, scale=scale, layout=rows.layout,
-    )  # fmt: skip
+    args = (query, key_cache, value_cache, rows.block_table, rows.query_start_loc,
+            rows.seq_lens, rows.pages, output)
+    if key_cache.is_cuda:
+        kernels.packed_decode_attention(*args, scale=scale, layout=rows.layout,
+                                        arrivals=rows.arrivals)  # fmt: skip
+    else:
+        kernels.packed_decode_attention_ref(*args, scale=scale, layout=rows.layout)

@@ -226,6 +226,8 @@ class RetentionViews:
                                         device=device)  # fmt: skip
             self.pack_count = torch.zeros(1, dtype=torch.int32, device=device)
             self.stage = stage
+            self.arrivals = torch.zeros(max_rows * layout.num_kv_heads, dtype=torch.int32,
+                                        device=device)  # fmt: skip
 
     def apply(
         self,
@@ -314,7 +316,7 @@ class RetentionViews:
         # The packing launches span the batch's rows (at most one page per row and step).
         return PackedRows(pages, packed_lens, table, common.query_start_loc, self.layout,
                           self.pack_src[:seq_rows], self.pack_count, self.stage,
-                          attends_all)  # fmt: skip
+                          attends_all, self.arrivals)  # fmt: skip
 
     def compression_batch(
         self, common: CommonAttentionMetadata, entries: list[CompressEntry], step: StepRows

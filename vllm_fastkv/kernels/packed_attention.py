@@ -23,7 +23,8 @@ is bound by the latency of each step, not by bandwidth. So the work is split ove
 sequence as in flash-decoding: ``splits`` programs per (row, KV head) take every
 ``splits``-th tile (packed block or full-precision block: strided, so the splits stay
 balanced whatever the mix), each leaves its running max, normaliser and unnormalised
-output in a scratch buffer, and a second launch merges them.
+output in a scratch buffer, and the last of them to finish merges them all (an arrival
+count per (row, KV head), as in split-K matrix products), so one launch does it all.
 
 Semantics: :func:`vllm_fastkv.kernels.reference.packed_decode_attention_ref`.
 """
@@ -56,6 +57,10 @@ DEFAULT_TILE_BLOCKS = 4
 #: in every timed sweep.
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 1
+#: Registers a thread of the decode kernel may use: four programs of 4 warps an SM (sm_90,
+#: 64K registers). With the split merge inside the kernel ptxas otherwise takes 167 at
+#: 2 bits (three programs an SM) where 128 fit without spilling.
+MAX_REGISTERS = 128
 #: Most splits :func:`splits_for` chooses; the merge is compiled for this many (more when
 #: asked for explicitly), so every batch size shares one variant.
 MAX_SPLITS = 16
@@ -126,8 +131,8 @@ def _dequantized_codes(bits, scale, minimum, first: tl.constexpr, stride: tl.con
 
 @triton.jit
 def _attended_row(packed_ptr, qsl_ptr, row):
-    """Row ``row``'s query token, and whether the decode and merge kernels attend it: rows
-    marked -1 are left to vLLM's attention, rows without a query are batch padding."""
+    """Row ``row``'s query token, and whether the decode kernel attends it: rows marked -1
+    are left to vLLM's attention, rows without a query are batch padding."""
     token = tl.load(qsl_ptr + row).to(tl.int64)
     return token, (tl.load(packed_ptr + row) >= 0) & (tl.load(qsl_ptr + row + 1) > token)
 
@@ -138,10 +143,11 @@ def _attended_row(packed_ptr, qsl_ptr, row):
 @triton.jit(do_not_specialize=["splits"])
 def _packed_decode_kernel(
     query_ptr, key_ptr, value_ptr, words_ptr, halves_ptr, block_table_ptr, qsl_ptr,
-    seq_lens_ptr, packed_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+    seq_lens_ptr, packed_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, arrivals_ptr, out_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
     stride_bt, page_words, group, num_q_heads, qk_scale, splits,
     BITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, VGROUP: tl.constexpr,
     NUM_HEADS: tl.constexpr, R: tl.constexpr, HEAD_WORDS: tl.constexpr,
@@ -149,9 +155,17 @@ def _packed_decode_kernel(
     VALUE_SCALE: tl.constexpr, VALUE_MIN: tl.constexpr, G_PAD: tl.constexpr,
     TILE_BLOCKS: tl.constexpr, TILES_PER_PAGE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MERGE_G_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     """Program (row, KV head, split): that split's tiles of the row for the KV head's query
-    heads; writes the partial max / sum / output of each query head."""
+    heads; writes the partial max / sum / output of each query head, and the last split of
+    the (row, KV head) to finish merges them all into ``out``.
+
+    Merging here rather than in a second launch saves that launch and its wait for this
+    one's last program (5.1 us a layer on an H200 at batch 16, docs/BENCHMARKS.md, against
+    66 us for this kernel). ``arrivals`` (int32 per (row, KV head)) counts the finished
+    splits; it is zero on entry and the merging program leaves it zero again, so the
+    buffer is reused from layer to layer without a memset."""
     row = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -245,52 +259,61 @@ def _packed_decode_kernel(
         tl.store(part_max_ptr + part, m_i, mask=m < group)
         tl.store(part_sum_ptr + part, l_i, mask=m < group)
         tl.store(part_acc_ptr + part[:, None] * DIM + dim[None, :], acc, mask=q_mask)
+        # Every thread's partials are stored before the count goes up (the atomic is one
+        # thread's, its result broadcast to the others); the last split reads the others'
+        # partials from L2 (``.cg``: never a stale L1 line of an earlier layer's).
+        tl.debug_barrier()
+        arrivals = arrivals_ptr + row * NUM_HEADS + h
+        if tl.atomic_add(arrivals, 1, sem="acq_rel") == splits - 1:
+            tl.store(arrivals, 0)
+            _merge_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, token, h,
+                          row.to(tl.int64), stride_ot, stride_oh, stride_od, group,
+                          num_q_heads, splits, DIM, MERGE_G_PAD, SPLITS_PAD)
 
 
-@triton.jit(do_not_specialize=["splits"])
-def _merge_splits_kernel(
-    packed_ptr, qsl_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr,
-    stride_ot, stride_oh, stride_od, group, num_q_heads, splits,
+@triton.jit
+def _merge_splits(
+    part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, token, h, row, stride_ot, stride_oh,
+    stride_od, group, num_q_heads, splits,
     DIM: tl.constexpr, G_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
-    """Program (row, KV head): softmax-merge the splits' partial outputs of its heads.
+    """Softmax-merge the splits' partial outputs of KV head ``h``'s query heads of ``row``
+    into ``out`` (``G_PAD`` >= the group, a power of two: no dot here, so no padding to
+    16 rows).
 
     The splits' maxima are loaded at once (``SPLITS_PAD`` >= ``splits``, masked), then the
     partials in chunks of ``16 / G_PAD`` splits: a loop over single splits waits on each
-    split's loads in turn, and this launch is short enough for those waits to be most of
-    it, while all splits at once would hold ``G_PAD x splits x DIM`` values a program."""
+    split's loads in turn, while all splits at once would hold ``G_PAD x splits x DIM``
+    values a program."""
     CHUNK: tl.constexpr = 16 // G_PAD if G_PAD < 16 else 1
-    row = tl.program_id(0)
-    h = tl.program_id(1)
-    token, attended = _attended_row(packed_ptr, qsl_ptr, row)
-    if attended:
-        m = tl.arange(0, G_PAD)
-        dim = tl.arange(0, DIM)
-        heads = h * group + m
-        head_mask = m < group
-        base = (row.to(tl.int64) * num_q_heads + heads) * splits
-        s = tl.arange(0, SPLITS_PAD)
-        m_all = tl.max(tl.load(part_max_ptr + base[:, None] + s[None, :],
-                               mask=head_mask[:, None] & (s < splits)[None, :],
-                               other=-1e30), axis=1)  # fmt: skip
-        l_all = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, DIM], tl.float32)
-        for first in range(0, splits, CHUNK):
-            chunk = first + tl.arange(0, CHUNK)
-            valid = head_mask[:, None] & (chunk < splits)[None, :]
-            part = base[:, None] + chunk[None, :]
-            weight = tl.exp2(tl.load(part_max_ptr + part, mask=valid, other=-1e30)
-                             - m_all[:, None])
-            l_all += tl.sum(weight * tl.load(part_sum_ptr + part, mask=valid, other=0.0), 1)
-            acc += tl.sum(weight[:, :, None] * tl.load(
-                part_acc_ptr + part[:, :, None] * DIM + dim[None, None, :],
-                mask=valid[:, :, None], other=0.0,
-            ), 1)  # fmt: skip
-        # No key at all (a padding row of a captured batch): zeros.
-        out = acc / tl.where(head_mask & (l_all > 0), l_all, 1.0)[:, None]
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
-                 + dim[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
-                 mask=head_mask[:, None])
+    m = tl.arange(0, G_PAD)
+    dim = tl.arange(0, DIM)
+    heads = h * group + m
+    head_mask = m < group
+    base = (row * num_q_heads + heads) * splits
+    s = tl.arange(0, SPLITS_PAD)
+    m_all = tl.max(tl.load(part_max_ptr + base[:, None] + s[None, :],
+                           mask=head_mask[:, None] & (s < splits)[None, :], other=-1e30,
+                           cache_modifier=".cg"), axis=1)  # fmt: skip
+    l_all = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DIM], tl.float32)
+    for first in range(0, splits, CHUNK):
+        chunk = first + tl.arange(0, CHUNK)
+        valid = head_mask[:, None] & (chunk < splits)[None, :]
+        part = base[:, None] + chunk[None, :]
+        weight = tl.exp2(tl.load(part_max_ptr + part, mask=valid, other=-1e30,
+                                 cache_modifier=".cg") - m_all[:, None])
+        l_all += tl.sum(weight * tl.load(part_sum_ptr + part, mask=valid, other=0.0,
+                                         cache_modifier=".cg"), 1)
+        acc += tl.sum(weight[:, :, None] * tl.load(
+            part_acc_ptr + part[:, :, None] * DIM + dim[None, None, :],
+            mask=valid[:, :, None], other=0.0, cache_modifier=".cg",
+        ), 1)  # fmt: skip
+    # No key at all (a padding row of a captured batch): zeros.
+    out = acc / tl.where(head_mask & (l_all > 0), l_all, 1.0)[:, None]
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
+             + dim[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=head_mask[:, None])
 
 
 def decode_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
@@ -337,6 +360,7 @@ def packed_decode_attention(
     tile_blocks: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    arrivals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of the rows this kernel attends, written into ``output``.
 
@@ -360,9 +384,13 @@ def packed_decode_attention(
             Fewer mean more iterations of less work each.
         num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
         num_stages: pipeline stages of the tile loop (default ``DEFAULT_NUM_STAGES``).
+        arrivals: int32 ``[>= rows * num_kv_heads]``, all zero, and left all zero: the
+            splits' arrival counts (a persistent buffer for the serving path, see
+            :class:`~vllm_fastkv.kv_quantization.PackedRows`; default a fresh one, at the
+            price of a memset).
 
-    The grids are ``rows x num_kv_heads (x splits)`` whatever the packed rows are, so the
-    launches can be captured in a CUDA graph and replayed with other lengths and page
+    The grid is ``rows x num_kv_heads x splits`` whatever the packed rows are, so the
+    launch can be captured in a CUDA graph and replayed with other lengths and page
     counts.
     """
     check_kernel_layout(layout)
@@ -378,6 +406,12 @@ def packed_decode_attention(
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(rows, num_q_heads, splits, layout.head_dim, dtype=torch.float32,
                            device=query.device)  # fmt: skip
+    if arrivals is None:
+        arrivals = torch.zeros(rows * layout.num_kv_heads, dtype=torch.int32,
+                               device=query.device)  # fmt: skip
+    elif arrivals.dtype != torch.int32 or arrivals.numel() < rows * layout.num_kv_heads:
+        raise ValueError(f"arrivals must be int32 with at least {rows * layout.num_kv_heads} "
+                         f"entries, got {arrivals.dtype} [{arrivals.numel()}]")
     g_pad = max(triton.next_power_of_2(group), _MIN_DOT_ROWS)
     tile_blocks = tile_blocks or min(DEFAULT_TILE_BLOCKS,
                                      triton.next_power_of_2(layout.blocks_per_page))
@@ -389,8 +423,8 @@ def packed_decode_attention(
     dot_dtype = _DOT_DTYPES.get(key_cache.dtype) if key_cache.is_cuda else None
     _packed_decode_kernel[(rows, layout.num_kv_heads, splits)](
         query, key_cache, value_cache, words, halves, block_table, query_start_loc, seq_lens,
-        packed_pages, part_max, part_sum, part_acc,
-        *query.stride(), *key_cache.stride(), *value_cache.stride(),
+        packed_pages, part_max, part_sum, part_acc, arrivals, output,
+        *query.stride(), *key_cache.stride(), *value_cache.stride(), *output.stride(),
         block_table.stride(0), words.shape[1], group, num_q_heads, scale * math.log2(math.e),
         splits,
         BITS=layout.bits, BLOCK=layout.block_size, DIM=layout.head_dim,
@@ -400,13 +434,9 @@ def packed_decode_attention(
         G_PAD=g_pad, TILE_BLOCKS=tile_blocks,
         TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
         DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
-        num_warps=num_warps or DEFAULT_NUM_WARPS,
-        num_stages=num_stages or DEFAULT_NUM_STAGES,
-    )  # fmt: skip
-    _merge_splits_kernel[(rows, layout.num_kv_heads)](
-        packed_pages, query_start_loc, part_max, part_sum, part_acc, output,
-        *output.stride(), group, num_q_heads, splits, DIM=layout.head_dim,
-        G_PAD=triton.next_power_of_2(group),  # no dot here: no padding to 16 rows
+        MERGE_G_PAD=triton.next_power_of_2(group),
         SPLITS_PAD=triton.next_power_of_2(max(splits, MAX_SPLITS)),
+        num_warps=num_warps or DEFAULT_NUM_WARPS,
+        num_stages=num_stages or DEFAULT_NUM_STAGES, maxnreg=MAX_REGISTERS,
     )  # fmt: skip
     return output
