@@ -191,8 +191,8 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stage
     default (1), 2 or 4 pipeline stages (on a GPU: other layouts and schedules of the same
     tiles); rows marked -1 and a padding row without a query keep what the output held, a
     row with a query but no visible token gets zeros; a second launch with the same
-    arrival counts (left zero by the first) gives the same output; the reference itself equals dense
-    attention over the dequantised pages plus the full-precision tokens."""
+    arrival counts (left zero by the first) gives the same output; the reference itself
+    equals dense attention over the dequantised pages plus the full-precision tokens."""
     bits, heads, head_dim, block_size, value_group, dtype = case
     layout_probe = LowBitLayout.for_cache(
         torch.empty(1, block_size, heads, head_dim, dtype=dtype), bits, value_group
@@ -270,25 +270,26 @@ tile_blocks = int(sys.argv[2])
 kernels = [
     (quantization._pack_kernel, dict(key_ptr="*bf16", value_ptr="*bf16", src_ptr="*i32",
      stage_words_ptr="*i32", stage_halves_ptr="*fp16", count_ptr="*i32"),
-     dict(shape, GROUP=32, HAS_COUNT=True)),
+     dict(shape, GROUP=32, HAS_COUNT=True), {}),
     (quantization._copy_pages_kernel, dict(words_ptr="*i32", stage_ptr="*i32",
-     src_ptr="*i32", count_ptr="*i32"), dict(BLOCK=1024, HAS_COUNT=True)),
+     src_ptr="*i32", count_ptr="*i32"), dict(BLOCK=1024, HAS_COUNT=True), {}),
     (packed_attention._packed_decode_kernel, dict(query_ptr="*bf16", key_ptr="*bf16",
      value_ptr="*bf16", words_ptr="*i32", halves_ptr="*fp16", block_table_ptr="*i32",
      qsl_ptr="*i32", seq_lens_ptr="*i32", packed_ptr="*i32", part_max_ptr="*fp32",
      part_sum_ptr="*fp32", part_acc_ptr="*fp32", arrivals_ptr="*i32", out_ptr="*bf16"),
      dict(shape, VGROUP=32, R=layout.blocks_per_page, G_PAD=16, TILE_BLOCKS=tile_blocks,
           TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
-          DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", MERGE_G_PAD=4, SPLITS_PAD=16)),
+          DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", MERGE_G_PAD=4, SPLITS_PAD=16),
+     dict(maxnreg=packed_attention.MAX_REGISTERS)),  # as packed_decode_attention launches it
 ]
-for kernel, pointers, constexprs in kernels:
+for kernel, pointers, constexprs, launch_options in kernels:
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
                  for name in kernel.arg_names}
     if "qk_scale" in signature:
         signature["qk_scale"] = "fp32"
     compiled = triton.compile(ASTSource(kernel, signature, constexprs),
                               target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4, num_stages=2, maxnreg=128))
+                              options=dict(num_warps=4, num_stages=2, **launch_options))
     assert compiled.asm["cubin"]
     print(kernel.fn.__name__, "ok")
 """

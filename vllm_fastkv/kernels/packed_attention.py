@@ -57,9 +57,10 @@ DEFAULT_TILE_BLOCKS = 4
 #: in every timed sweep.
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 1
-#: Registers a thread of the decode kernel may use: four programs of 4 warps an SM (sm_90,
-#: 64K registers). With the split merge inside the kernel ptxas otherwise takes 167 at
-#: 2 bits (three programs an SM) where 128 fit without spilling.
+#: Registers a thread of the decode kernel may use, whatever the warp count: sized for the
+#: default 4 warps, four programs an SM (sm_90, 64K registers). With the split merge inside
+#: the kernel ptxas otherwise takes 167 at 2 bits (three programs an SM) where 128 fit
+#: without spilling (8-warp programs took 79-112 before the merge moved in).
 MAX_REGISTERS = 128
 #: Most splits :func:`splits_for` chooses; the merge is compiled for this many (more when
 #: asked for explicitly), so every batch size shares one variant.
