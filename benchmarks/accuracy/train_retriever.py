@@ -419,8 +419,11 @@ def train(args: argparse.Namespace) -> None:
     step, seen_tokens, log = 0, 0, []
     stats: dict[int, Any] = {}  # length -> loss sums and counts since the last log
     model.train()
-    while time.monotonic() < deadline:
-        progress = (time.monotonic() - start) / (deadline - start)
+    while step < args.steps if args.steps else time.monotonic() < deadline:
+        # The schedule follows whichever budget bounds the run: a fixed step count makes a
+        # short run (a test on a loaded machine) do the same work however slow the machine.
+        elapsed = (time.monotonic() - start) / (deadline - start)
+        progress = step / args.steps if args.steps else elapsed
         length, result = pending.popleft()
         submit()
         rows = max(1, args.tokens_per_step // length)
@@ -527,6 +530,8 @@ def main() -> None:
     tr.add_argument("--data-dir", default=str(tasks.DEFAULT_DATA_DIR))
     tr.add_argument("--model-dir", default="/tmp/fastkv-retriever")
     tr.add_argument("--minutes", type=float, default=7.0)
+    tr.add_argument("--steps", type=int, default=0,
+                    help="train exactly this many steps instead of for --minutes (0: by time)")
     tr.add_argument("--resume", action="store_true",
                     help="continue from the weights in --asset instead of random ones")
     tr.add_argument("--lr", type=float, default=2e-3)

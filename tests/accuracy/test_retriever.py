@@ -136,7 +136,7 @@ def test_curriculum_grows_on_skill_and_on_schedule():
 
 
 def test_training_runs_end_to_end(tmp_path):
-    """A few CPU steps through the whole script (data workers, loss, export, evaluation),
+    """Four CPU steps through the whole script (data workers, loss, export, evaluation),
     resumed from the shipped weights: the first logged losses are a trained model's (a
     random one starts at ~8 nats of text loss and ~2 on the answers)."""
     import json
@@ -152,7 +152,7 @@ def test_training_runs_end_to_end(tmp_path):
     model_dir = tmp_path / "model"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.accuracy.train_retriever", "train", "--asset",
-         str(asset), "--model-dir", str(model_dir), "--minutes", "0.15", "--tokens-per-step",
+         str(asset), "--model-dir", str(model_dir), "--steps", "4", "--tokens-per-step",
          "2048", "--max-len", "512", "--workers", "1", "--prefetch", "2", "--log-every", "2",
          "--eval-lengths", "512", "--eval-seeds", "1", "--resume", "--lr", "1e-4"],
         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2],
@@ -160,5 +160,6 @@ def test_training_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (asset / WEIGHTS_FILE).stat().st_mtime_ns > shipped_mtime  # exported again
     log = json.loads((model_dir / "training-log.json").read_text())
+    assert [entry["step"] for entry in log] == [2, 4]  # a step budget, not a clock one
     assert log[0]["text_loss"] < 5.0 and log[0]["answer_loss"] < 1.0, log[0]
     assert "mean" in json.loads((model_dir / "eval.json").read_text())
