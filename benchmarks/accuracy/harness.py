@@ -55,11 +55,21 @@ METHODS = ("stock", "disabled", "retention", "fastkv", "recency")
 LOW_BIT_METHODS = ("retention_4bit", "retention_2bit")
 #: Methods that take a retain rate.
 RATED = ("retention", "fastkv", "recency", *LOW_BIT_METHODS)
+#: Methods whose selection is the window scoring.
+SCORED = ("retention", "fastkv", *LOW_BIT_METHODS)
 
 
-def method_settings(method: str, rate: float, tsp_rate: float) -> dict[str, Any] | None:
-    """FastKV settings of a method (None: vLLM's own backend)."""
-    return {
+#: FastKV scoring settings the command line can set for the scored methods (retention,
+#: fastkv, low-bit): the observation window, the pooling and its kernel.
+SCORING_FIELDS = ("window", "pooling", "pool_kernel")
+
+
+def method_settings(method: str, rate: float, tsp_rate: float,
+                    scoring: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """FastKV settings of a method (None: vLLM's own backend). ``scoring`` overrides the
+    config's scoring defaults for the methods that score; recency and the unscored methods
+    ignore it, so their rows stay comparable whatever the scoring flags."""
+    settings = {
         "stock": None,
         "disabled": {"enabled": False},
         "retention": {"retain_rate": rate, "tsp_rate": 1.0},
@@ -68,6 +78,9 @@ def method_settings(method: str, rate: float, tsp_rate: float) -> dict[str, Any]
         "retention_4bit": {"retain_rate": rate, "tsp_rate": 1.0, "kv_bits": 4},
         "retention_2bit": {"retain_rate": rate, "tsp_rate": 1.0, "kv_bits": 2},
     }[method]
+    if settings is not None and method in SCORED:
+        settings.update(scoring or {})
+    return settings
 
 
 def build_prompts(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
@@ -199,11 +212,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
     prompts = [s["ids"] for s in samples]
     common = {"date": datetime.date.today().isoformat(), "device": _device(),
               "commit": _commit(), "model": args.model_name or model_dir.name}
+    scoring = {f: getattr(args, f) for f in SCORING_FIELDS if getattr(args, f) is not None}
     rows, generated = [], {}
     for method in args.methods:
         rates = args.rates if method in RATED else [None]
         for rate in rates:
-            settings = method_settings(method, rate, args.tsp_rate)
+            settings = method_settings(method, rate, args.tsp_rate, scoring)
             tokens = run_engine(model_dir, settings, prompts, args)
             replies = [tokenizer.decode(ids, skip_special_tokens=True) for ids in tokens]
             base = {**common, "method": method, "settings": settings}
@@ -230,6 +244,10 @@ def parser() -> argparse.ArgumentParser:
                    choices=METHODS + LOW_BIT_METHODS)  # fmt: skip
     p.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.1, 0.2])
     p.add_argument("--tsp-rate", type=float, default=0.2)
+    p.add_argument("--window", type=int, default=None,
+                   help="observation window of the scored methods (default: the config's)")
+    p.add_argument("--pooling", choices=("avg", "max"), default=None)
+    p.add_argument("--pool-kernel", type=int, default=None)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9])

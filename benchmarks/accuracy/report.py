@@ -16,7 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.accuracy.harness import REPO
+from benchmarks.accuracy.harness import REPO, SCORING_FIELDS
 
 
 def label(row: dict) -> str:
@@ -24,7 +24,10 @@ def label(row: dict) -> str:
     settings = row["settings"] or {}
     if row["method"] in ("stock", "disabled"):
         return row["method"]
-    return f"{row['method']} retain {settings.get('retain_rate')}"
+    # Rows scored with non-default settings (harness --window/--pooling/--pool-kernel)
+    # are their own method, not averaged into the default's.
+    extra = "".join(f" {f} {settings[f]}" for f in SCORING_FIELDS if f in settings)
+    return f"{row['method']} retain {settings.get('retain_rate')}{extra}"
 
 
 def mean(values: list[float]) -> float:
