@@ -83,6 +83,11 @@ def method_settings(method: str, rate: float, tsp_rate: float,
     return settings
 
 
+def scoring_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The scoring settings given on the command line (unset flags keep the config's)."""
+    return {f: getattr(args, f) for f in SCORING_FIELDS if getattr(args, f) is not None}
+
+
 def build_prompts(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
     """Every task instance of the grid, as chat-formatted token ids."""
     chat = tokenizer.chat_template is not None and not args.no_chat
@@ -212,7 +217,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
     prompts = [s["ids"] for s in samples]
     common = {"date": datetime.date.today().isoformat(), "device": _device(),
               "commit": _commit(), "model": args.model_name or model_dir.name}
-    scoring = {f: getattr(args, f) for f in SCORING_FIELDS if getattr(args, f) is not None}
+    scoring = scoring_overrides(args)
     rows, generated = [], {}
     for method in args.methods:
         rates = args.rates if method in RATED else [None]
