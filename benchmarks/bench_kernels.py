@@ -9,10 +9,13 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 * bandwidth: a large device-to-device ``copy_`` (bytes read + written / time), measured
   here so floors and kernels see the same machine state;
 * ``window_scores`` (avg and max pooling) vs its floor: the key bytes read once / bandwidth,
-  for the fused kernel (default; its second key pass should hit L2), the fused kernel with
-  pass 2 deferred until pass 1 is done (``fused_no_reuse``: the L2 reuse lost) and the
-  two-pass kernels (``fused=None``, both passes from HBM, so 2x the floor is their limit),
-  with ``max_seq_len`` from the host as the serving path calls it (no device sync);
+  for the fused kernel (its second key pass should hit L2), the fused kernel with
+  pass 2 deferred until pass 1 is done (``fused_no_reuse``: the L2 reuse lost), the
+  two-pass kernels (``fused=None``, both passes from HBM, so 2x the floor is their limit)
+  and, as the engine runs it on GPUs, the two-pass kernels' second pass alone with the
+  window rows' log-sum-exps given (``attention_lse``: in the engine they come from the
+  prompt's FlashAttention; here from :func:`window_lse_ref`, untimed), with
+  ``max_seq_len`` from the host as the serving path calls it (no device sync);
 * ``select_retained`` (budget ``retain_rate * T``), ``select_propagated`` (``tsp_rate * T``)
   and a bare ``torch.topk`` of the same size, next to the scoring time (lengths and budgets
   as host lists, as the serving path passes them: no device sync);
@@ -23,7 +26,9 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
   selection agreement, byte-exact compaction);
 * with ``--sweep``: device time of the fused kernel (avg pooling) for a grid of
   :class:`~vllm_fastkv.kernels.scoring.FusedTuning` launch shapes, best first, each
-  checked against the default shape's scores.
+  checked against the default shape's scores;
+* with ``--mass-blocks N ...``: the ``attention_lse`` path (avg pooling) at each key tile
+  of the mass kernel (``scoring._MASS_BLOCK_N``, restored afterwards).
 
 Two times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
 calls; host work and device syncs included, which is what the engine pays), ``device`` the
@@ -49,9 +54,11 @@ from vllm_fastkv.kernels import (
     select_propagated_ref,
     select_retained,
     select_retained_ref,
+    window_lse_ref,
     window_scores,
     window_scores_ref,
 )
+from vllm_fastkv.kernels import scoring as scoring_module
 from vllm_fastkv.kernels.scoring import FusedTuning
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
@@ -166,18 +173,18 @@ def sweep_fused(
 def print_scoring_summary(rows: list[dict], sweep: list[dict]) -> None:
     """Two-pass vs fused device time per length and pooling, and the sweep's best shapes."""
     by_key = {(row["op"], row["seq_len"]): row for row in rows}
-    print("window_scores device ms: two-pass -> fused (fused without L2 reuse), x floor:")
+    print("window_scores device ms (x the read-once floor): two-pass, fused, fused without"
+          " L2 reuse, one pass given the log-sum-exps:")  # fmt: skip
     for seq_len in sorted({row["seq_len"] for row in rows}):
         for pooling in ("avg", "max"):
-            old, new, no_reuse = (
+            cells = (
                 by_key[(scoring_op(pooling, path), seq_len)]
-                for path in ("two_pass", "fused", "fused_no_reuse")
+                for path in ("two_pass", "fused", "fused_no_reuse", "attention_lse")
             )
             print(
-                f"  T={seq_len:>7} {pooling}: {old['device_ms']:.3f} -> {new['device_ms']:.3f}"
-                f" ({no_reuse['device_ms']:.3f}) ms = {old['device_x_floor']:.2f}x ->"
-                f" {new['device_x_floor']:.2f}x ({no_reuse['device_x_floor']:.2f}x) the floor"
-                f" {new['floor_ms']:.3f} ms"
+                f"  T={seq_len:>7} {pooling}: "
+                + ", ".join(f"{c['device_ms']:.3f} ({c['device_x_floor']:.2f}x)" for c in cells)
+                + f"; floor {by_key[(scoring_op(pooling, 'two_pass'), seq_len)]['floor_ms']:.3f} ms"
             )
     for seq_len in sorted({entry["seq_len"] for entry in sweep}):
         entries = sorted(
@@ -221,26 +228,37 @@ def run_length(
 
     ref_kwargs = dict(scale=args.head_dim**-0.5, window=args.window, pool_kernel=7)
     score_kwargs = ref_kwargs | dict(max_seq_len=seq_len)
+    lse = window_lse_ref(query, key_cache, block_table, seq_lens, scale=ref_kwargs["scale"],
+                         window=args.window)  # fmt: skip
+    paths = {path: dict(fused=tuning) for path, tuning in SCORING_PATHS.items()}
+    paths["attention_lse"] = dict(lse=lse)
     for pooling in ("avg", "max"):
         ref = None
         if args.check:
             ref = window_scores_ref(
                 query, key_cache, block_table, seq_lens, pooling=pooling, **ref_kwargs
             )
-        for path, tuning in SCORING_PATHS.items():
+        for path, path_kwargs in paths.items():
 
-            def scoring(
-                pooling: str = pooling, tuning: FusedTuning | None = tuning
-            ) -> torch.Tensor:
+            def scoring(pooling: str = pooling, path_kwargs: dict = path_kwargs) -> torch.Tensor:
                 return window_scores(
-                    query, key_cache, block_table, seq_lens, pooling=pooling, fused=tuning,
-                    **score_kwargs,
+                    query, key_cache, block_table, seq_lens, pooling=pooling,
+                    **path_kwargs, **score_kwargs,
                 )  # fmt: skip
 
             measure(rows, scoring_op(pooling, path), seq_len, scoring, key_floor_ms)
             if ref is not None:
                 checks[f"scores_{pooling}_{path}_rel_error"] = rel_error(scoring(), ref)
         del ref
+    default_block = scoring_module._MASS_BLOCK_N
+    try:
+        for block in args.mass_blocks:
+            scoring_module._MASS_BLOCK_N = block
+            measure(rows, f"window_scores[avg,attention_lse,mass_block={block}]", seq_len,
+                    lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
+                                          **score_kwargs), key_floor_ms)  # fmt: skip
+    finally:
+        scoring_module._MASS_BLOCK_N = default_block
     scores = window_scores(query, key_cache, block_table, seq_lens, **score_kwargs)
     if args.sweep:
         sweep_fused(query, key_cache, block_table, seq_lens, score_kwargs, scores, sweep)
@@ -339,6 +357,10 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="also time the fused kernel's launch-shape grid"
     )
+    parser.add_argument(
+        "--mass-blocks", type=int, nargs="*", default=[],
+        help="also time the attention_lse path at these mass-kernel key tiles",
+    )  # fmt: skip
     args = parser.parse_args()
 
     bandwidth = copy_bandwidth()

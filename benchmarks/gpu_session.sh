@@ -2,6 +2,7 @@
 # The whole GPU-machine job in one go, after the vLLM bundle is installed into /tmp/site
 # (see benchmarks/README.md). Writes everything under ${RESULTS:-/tmp/fastkv-results}.
 #   STAGES="tests kernels bench accuracy" TESTS="tests/kernels tests/e2e" bash benchmarks/gpu_session.sh
+# (PYTEST_K, KERNEL_ARGS, BENCH_ARGS, HARNESS_ARGS: extra arguments of each stage.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 res=${RESULTS:-/tmp/fastkv-results}
@@ -26,7 +27,8 @@ for stage in $stages; do
       ;;
     kernels)
       [ -f benchmarks/bench_kernels.py ] || { echo "no kernel benchmark"; continue; }
-      python3 benchmarks/bench_kernels.py --out "$res/kernels.json" 2>&1 | tail -40 | tee "$res/kernels.log"
+      python3 benchmarks/bench_kernels.py --out "$res/kernels.json" ${KERNEL_ARGS:-} 2>&1 \
+        | tail -60 | tee "$res/kernels.log"
       ;;
     bench)
       python3 benchmarks/serve_bench.py --out "$res/serve_bench.json" ${BENCH_ARGS:-} 2>&1 \

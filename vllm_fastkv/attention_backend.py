@@ -14,6 +14,7 @@ compress a completed prompt's KV after their attention (:mod:`vllm_fastkv.kv_com
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import is_quantized_kv_cache
 from vllm.v1.attention.backend import AttentionLayer, AttentionType
@@ -29,11 +30,14 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
+from vllm_fastkv import attention_lse
 from vllm_fastkv.kv_compression import compress_prompt_kv
 from vllm_fastkv.kv_quantization import PACKED_ATTR, attend_packed, pack_decode_pages
 from vllm_fastkv.registration import BACKEND_NAME
 from vllm_fastkv.retention_metadata import COMPRESSION_ATTR, RetentionMetadataBuilderMixin
 from vllm_fastkv.torch_paged_attention import paged_attention, split_kv_cache, write_paged_kv
+
+logger = init_logger(f"vllm.{__name__}")
 
 
 class _FastKVBackendTraits:
@@ -69,11 +73,15 @@ class _CompressAfterAttention:
     low-bit KV, packed). Rows whose KV is packed get their output from the packed-KV
     attention, after vLLM's (which saw one token of them); in a batch of single-token
     decode rows the packed-KV attention computes every row and vLLM's is not called.
+    Where vLLM's attention returns the queries' log-sum-exps (``lse_for_scoring``), the
+    compressing step keeps them, and window scoring reads the keys once
+    (:mod:`vllm_fastkv.attention_lse`).
     """
 
     head_size: int
     kv_cache_dtype: str
     scale: float
+    lse_for_scoring: bool = False
 
     def forward(
         self,
@@ -89,11 +97,12 @@ class _CompressAfterAttention:
     ) -> torch.Tensor:
         batch = getattr(attn_metadata, COMPRESSION_ATTR, None)
         packed = getattr(attn_metadata, PACKED_ATTR, None)
-        if packed is None or not packed.attends_all:
-            output = super().forward(  # type: ignore[misc]
-                layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale, output_block_scale,
-            )  # fmt: skip
+        with attention_lse.capture_lse(batch is not None and self.lse_for_scoring) as captured:
+            if packed is None or not packed.attends_all:
+                output = super().forward(  # type: ignore[misc]
+                    layer, query, key, value, kv_cache, attn_metadata, output,
+                    output_scale, output_block_scale,
+                )  # fmt: skip
         if batch is None and packed is None:
             return output
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
@@ -104,12 +113,25 @@ class _CompressAfterAttention:
             pack_decode_pages(key_cache, value_cache, packed)
             attend_packed(query, key_cache, value_cache, packed, output, scale=self.scale)
         if batch is not None:
+            if self.lse_for_scoring:
+                _log_scoring_pass(captured.lse is not None)
             with batch.timer.span(query.device):
                 compress_prompt_kv(
                     query, key_cache, value_cache, batch,
-                    scale=self.scale, k_scale=layer._k_scale_float,
+                    scale=self.scale, k_scale=layer._k_scale_float, attention_lse=captured.lse,
                 )  # fmt: skip
         return output
+
+
+def _log_scoring_pass(from_attention: bool) -> None:
+    """Say once per process which way window scoring gets its softmax normalisers."""
+    if from_attention:
+        logger.info_once("FASTKV: window scoring reads the keys once, with FlashAttention's "
+                         "log-sum-exps as its normalisers")  # fmt: skip
+    else:
+        logger.warning_once("FASTKV: a compressing step's FlashAttention returned no "
+                            "log-sum-exps (cascade or context-parallel attention); window "
+                            "scoring computes them with a second pass over the keys")  # fmt: skip
 
 
 class FastKVFlashAttentionMetadataBuilder(
@@ -120,6 +142,20 @@ class FastKVFlashAttentionMetadataBuilder(
 
 class FastKVFlashAttentionImpl(_CompressAfterAttention, FlashAttentionImpl):
     """vLLM's FlashAttention, then KV compression of completed prompts."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # FlashAttention's log-sum-exps are scoring's normalisers only where both see the
+        # same logits: the whole causal prefix, unscaled by fp8 query or key scales, with
+        # no soft cap, ALiBi bias or sink.
+        self.lse_for_scoring = (
+            self.sliding_window == (-1, -1)
+            and not self.logits_soft_cap
+            and self.alibi_slopes is None
+            and self.sinks is None
+            and not is_quantized_kv_cache(self.kv_cache_dtype)
+            and attention_lse.install()
+        )
 
 
 class FastKVAttentionBackend(_FastKVBackendTraits, FlashAttentionBackend):

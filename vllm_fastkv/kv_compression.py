@@ -26,6 +26,7 @@ def compress_prompt_kv(
     *,
     scale: float,
     k_scale: float = 1.0,
+    attention_lse: torch.Tensor | None = None,
 ) -> None:
     """Keep ``batch.budgets[i]`` entries per KV head of each row's prompt, at ``[S, T)``,
     and pack the first ``batch.packed_pages[i]`` low-bit pages of them.
@@ -36,10 +37,14 @@ def compress_prompt_kv(
             of the layer's cache (fp8 caches as their fp8 dtype, dequantised by ``k_scale``).
         batch: the rows whose prompt completes in this step.
         scale: the attention's softmax scale.
+        attention_lse: ``[num_q_heads, num_tokens]``, the log-sum-exps of this step's
+            queries from the layer's FlashAttention (:mod:`vllm_fastkv.attention_lse`), if
+            captured: the window rows' softmax normalisers, so scoring reads the keys once.
     """
     if batch.selection != "recency":
         # The recency baseline keeps the last ``T - S`` tokens: already at ``[S, T)``.
-        _select_and_compact(query, key_cache, value_cache, batch, scale=scale, k_scale=k_scale)
+        _select_and_compact(query, key_cache, value_cache, batch, scale=scale, k_scale=k_scale,
+                            attention_lse=attention_lse)  # fmt: skip
     if any(batch.packed_pages):
         pack_prompt_pages(key_cache, value_cache, batch.block_tables, batch.starts_host,
                           batch.packed_pages, batch.layout)  # fmt: skip
@@ -53,13 +58,16 @@ def _select_and_compact(
     *,
     scale: float,
     k_scale: float,
+    attention_lse: torch.Tensor | None,
 ) -> None:
     """Score, select and compact each row's kept entries into ``[S, T)``."""
     window = batch.window
-    offsets = torch.arange(-window, 0, device=query.device)
-    window_queries = query[batch.query_ends[:, None] + offsets]  # [n, w, heads, dim]
+    window_rows = batch.query_ends[:, None] + torch.arange(-window, 0, device=query.device)
+    window_queries = query[window_rows]  # [n, w, heads, dim]
     common = dict(scale=scale, window=window, pool_kernel=batch.pool_kernel,
                   pooling=batch.pooling, k_scale=k_scale)  # fmt: skip
+    if attention_lse is not None:
+        common["lse"] = attention_lse[:, window_rows].permute(1, 2, 0)  # [n, w, heads]
     if key_cache.is_cuda:
         # Lengths and budgets from the host: no device sync in any layer.
         scores = kernels.window_scores(

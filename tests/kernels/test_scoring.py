@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_fastkv.kernels import scoring, window_scores, window_scores_ref
+from vllm_fastkv.kernels import scoring, window_lse_ref, window_scores, window_scores_ref
 from vllm_fastkv.kernels.scoring import FusedTuning
 
 # A fused kernel whose schedule broke would spin forever (pass-2 jobs waiting for a flag
@@ -123,6 +123,12 @@ def test_reference_matches_naive(
     naive = naive_scores(query, paged, **kwargs)
     assert torch.equal(torch.isfinite(ref.cpu()), torch.isfinite(naive))
     torch.testing.assert_close(ref.cpu(), naive, rtol=1e-5, atol=1e-6)
+    # The log-sum-exps window_lse_ref gives are the normalisers the scores use.
+    lse = window_lse_ref(query, paged.key_cache, paged.block_table, paged.seq_lens,
+                         scale=kwargs["scale"], window=window)  # fmt: skip
+    given = window_scores_ref(query, paged.key_cache, paged.block_table, paged.seq_lens,
+                              lse=lse, **kwargs)  # fmt: skip
+    torch.testing.assert_close(given, ref, rtol=1e-5, atol=1e-6)
 
 
 # (group, head_dim, block_size, window, cache dtype, query dtype, pooling, pool_kernel)
@@ -169,6 +175,50 @@ def test_triton_matches_reference(case, path, paged_kv, device, poison_empty):
     ref = window_scores_ref(query, paged.key_cache, paged.block_table, paged.seq_lens, **kwargs)
     assert out.dtype == torch.float32
     assert_scores_match(out, ref, TOLERANCE[query_dtype])
+
+
+def flash_attention_layout(lse: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """``lse`` ``[n, w, heads]`` as FlashAttention returns it for a prefill of these
+    sequences (``[heads, tokens]``, every other token's entry NaN) and gathered back as
+    :func:`vllm_fastkv.kv_compression.compress_prompt_kv` does: a strided view."""
+    num_seqs, window, heads = lse.shape
+    ends = torch.tensor(seq_lens).cumsum(0)
+    rows = ends[:, None] + torch.arange(-window, 0)
+    flat = torch.full((heads, int(ends[-1])), float("nan"), device=lse.device)
+    flat[:, rows] = lse.permute(2, 0, 1)
+    return flat[:, rows.to(lse.device)].permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("case", [0, 2, 3, 5, 7])
+def test_scores_from_given_lse(case, paged_kv, device, poison_empty):
+    """With the window rows' log-sum-exps given (one key pass), the scores are the
+    reference's; a shifted normaliser moves kernel and reference alike, so it is used."""
+    group, head_dim, block_size, window, cache_dtype, query_dtype, pooling, pool_kernel = CASES[
+        case
+    ]
+    seq_lens = [w if w >= window else window for w in SEQ_LENS]
+    paged = paged_kv(seq_lens, num_kv_heads=2, head_dim=head_dim, block_size=block_size,
+                     dtype=cache_dtype, seed=200 + case)  # fmt: skip
+    torch.manual_seed(case)
+    query = random_query(len(seq_lens), window, group * 2, head_dim, query_dtype, device)
+    k_scale = 0.5 if cache_dtype == torch.float8_e4m3fn else 1.0
+    kwargs = dict(scale=head_dim**-0.5, window=window, pool_kernel=pool_kernel,
+                  pooling=pooling, k_scale=k_scale)  # fmt: skip
+    args = (query, paged.key_cache, paged.block_table, paged.seq_lens)
+    lse = window_lse_ref(*args, scale=head_dim**-0.5, window=window, k_scale=k_scale)
+    shifted = lse + torch.rand(lse.shape, device=lse.device)
+    refs = []
+    for normaliser in (lse, shifted):
+        out = window_scores(*args, lse=flash_attention_layout(normaliser, seq_lens), **kwargs)
+        refs.append(window_scores_ref(*args, lse=normaliser, **kwargs))
+        assert_scores_match(out, refs[-1], TOLERANCE[query_dtype])
+    assert_scores_match(refs[0], window_scores_ref(*args, **kwargs), 1e-5)
+    finite = torch.isfinite(refs[0])
+    assert not torch.allclose(refs[0][finite], refs[1][finite], rtol=0.05)
+    with pytest.raises(ValueError, match="lse and fused"):
+        window_scores(*args, lse=lse, fused=FusedTuning(), **kwargs)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        window_scores(*args, lse=lse[:, :-1], **kwargs)
 
 
 def test_single_long_sequence_uses_many_key_splits(paged_kv, device, poison_empty):

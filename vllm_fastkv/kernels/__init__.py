@@ -26,6 +26,7 @@ from vllm_fastkv.kernels.reference import (
     select_propagated_ref,
     select_retained_ref,
     unpack_pages_ref,
+    window_lse_ref,
     window_scores_ref,
 )
 from vllm_fastkv.kernels.scoring import window_scores
@@ -43,6 +44,7 @@ __all__ = [
     "select_retained",
     "select_retained_ref",
     "unpack_pages_ref",
+    "window_lse_ref",
     "window_scores",
     "window_scores_ref",
 ]

@@ -87,6 +87,65 @@ def gather_tokens(
     return cache[block_table_row.long()[tokens // block_size], tokens % block_size]
 
 
+def check_window_lse(lse: torch.Tensor | None, query: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``lse`` is ``None`` or fp32 ``[num_seqs, window, heads]``."""
+    if lse is None:
+        return
+    if lse.shape != query.shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(
+            f"lse must be float32 {list(query.shape[:3])} (sequences, window, query heads), "
+            f"got {lse.dtype} {list(lse.shape)}"
+        )
+
+
+def _visible_keys(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """``[window, T]``: window query ``i`` (position ``T - window + i``) sees keys up to it."""
+    return torch.ones(window, seq_len, dtype=torch.bool, device=device).tril(seq_len - window)
+
+
+def _window_logits(
+    query: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor, s: int,
+    seq_len: int, h: int, group: int, *, scale: float, k_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """fp32 ``[group, window, T]`` logits of KV head ``h``'s query group, ``-inf`` where a
+    window query does not see the key."""
+    keys = gather_tokens(key_cache, block_table[s], torch.arange(seq_len, device=key_cache.device))
+    q = query[s, :, h * group : (h + 1) * group].float().transpose(0, 1)  # [G, w, d]
+    logits = torch.matmul(q, (keys[:, h].float() * k_scale).T) * scale
+    return logits.masked_fill(~_visible_keys(seq_len, query.shape[1], query.device), float("-inf"))
+
+
+def window_lse_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    window: int,
+    k_scale: float = 1.0,
+) -> torch.Tensor:
+    """Natural-log log-sum-exp of each window query's logits over the keys it sees.
+
+    fp32 ``[num_seqs, window, num_q_heads]``: what causal FlashAttention returns for these
+    queries (``return_softmax_lse``), the normaliser :func:`window_scores_ref` takes as
+    ``lse``. Rows of sequences shorter than the window are ``-inf`` where they see no key.
+    """
+    check_scoring_args(query, key_cache, block_table, seq_lens, window, 1, "avg")
+    num_seqs, _, num_q_heads, _ = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.full((num_seqs, window, num_q_heads), float("-inf"), device=query.device)
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len < 1:
+            continue
+        for h in range(num_kv_heads):
+            logits = _window_logits(query, key_cache, block_table, s, seq_len, h, group,
+                                    scale=scale, k_scale=k_scale)  # fmt: skip
+            out[s, :, h * group : (h + 1) * group] = logits.logsumexp(dim=-1).T
+    return out
+
+
 def window_scores_ref(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -98,15 +157,19 @@ def window_scores_ref(
     pool_kernel: int = 7,
     pooling: Pooling = "avg",
     k_scale: float = 1.0,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooled, GQA-summed attention mass of the window queries on each earlier token.
 
     Returns fp32 ``[num_seqs, num_kv_heads, scored_width]``; entry ``[s, h, j]`` for
     ``j < T_s - window`` scores token ``j``, the rest is ``-inf``. Window query ``i``
     (position ``T - window + i``) sees keys ``0 .. T - window + i``. Pooling runs per
-    query head before the group sum, which matters for max pooling.
+    query head before the group sum, which matters for max pooling. ``lse``
+    (:func:`window_lse_ref`'s layout), if given, is the softmax normaliser used instead of
+    the one computed here: the mass is ``exp(logit - lse)``.
     """
     check_scoring_args(query, key_cache, block_table, seq_lens, window, pool_kernel, pooling)
+    check_window_lse(lse, query)
     num_seqs, _, num_q_heads, _ = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -116,17 +179,14 @@ def window_scores_ref(
         num_scored = seq_len - window
         if num_scored <= 0:
             continue
-        keys = gather_tokens(
-            key_cache, block_table[s], torch.arange(seq_len, device=key_cache.device)
-        )
-        visible = torch.ones(window, seq_len, dtype=torch.bool, device=query.device).tril(
-            num_scored
-        )
         for h in range(num_kv_heads):
-            q = query[s, :, h * group : (h + 1) * group].float().transpose(0, 1)  # [G, w, d]
-            k = keys[:, h].float() * k_scale  # [T, d]
-            logits = torch.matmul(q, k.T) * scale
-            probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            logits = _window_logits(query, key_cache, block_table, s, seq_len, h, group,
+                                    scale=scale, k_scale=k_scale)  # fmt: skip
+            if lse is None:
+                probs = logits.softmax(dim=-1)
+            else:
+                norm = lse[s, :, h * group : (h + 1) * group].T.to(logits.device)  # [G, w]
+                probs = (logits - norm[..., None]).exp()
             mass = probs[..., :num_scored].sum(dim=1).unsqueeze(1)  # [G, 1, T - w]
             pad = pool_kernel // 2
             if pooling == "avg":

@@ -8,9 +8,12 @@ An exact score needs each window query's softmax normaliser (its log-sum-exp ove
 the keys it sees) before any token's mass is known, and storing per-query probabilities
 instead would cost ``window`` times the mass tensor. So the keys are read twice: pass 1
 computes the log-sum-exps, pass 2 recomputes the logits and sums the normalised
-probabilities. No ``[heads, window, T]`` tensor ever exists. Every program holds a KV
-head's whole query group (``group x window`` rows) against one key tile, so a key tile
-is read once per KV head per pass, not once per query head.
+probabilities. In the engine the prompt's own FlashAttention has just computed those
+normalisers for the same queries and keys; given them (``lse``), pass 1 is skipped and
+the keys are read once (:mod:`vllm_fastkv.attention_lse` captures them). No
+``[heads, window, T]`` tensor ever exists. Every program holds a KV head's whole query
+group (``group x window`` rows) against one key tile, so a key tile is read once per KV
+head per pass, not once per query head.
 
 Two implementations of the same function:
 
@@ -34,9 +37,10 @@ Two implementations of the same function:
   ``_merge_lse_kernel``, then ``_window_mass_kernel`` (pass 2, per-query-head mass
   ``[num_seqs, num_q_heads, max(T) - window]`` in fp32) and ``_pool_group_kernel``
   (pooling per query head, then the group sum). Four launches; both passes read the keys
-  from HBM. The default: on an H200 it is the faster of the two (0.19 vs 0.33 ms at 128K
-  tokens, Llama-3.1-8B heads; docs/kernels-notes.md): the fused kernel is bound by its
-  per-job latency, not by HBM, so its L2 reuse does not pay yet.
+  from HBM (with ``lse`` given: the last two launches, one key pass). The default: on an
+  H200 it is the faster of the two (0.19 vs 0.33 ms at 128K tokens, Llama-3.1-8B heads;
+  docs/kernels-notes.md): the fused kernel is bound by its per-job latency, not by HBM,
+  so its L2 reuse does not pay yet.
 
 Max pooling does not commute with the group sum, so both keep query heads apart until
 pooled; avg pooling does commute (it is linear), so the fused kernel pools the group sum.
@@ -51,7 +55,12 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_fastkv.kernels.reference import Pooling, check_scoring_args, scored_width
+from vllm_fastkv.kernels.reference import (
+    Pooling,
+    check_scoring_args,
+    check_window_lse,
+    scored_width,
+)
 
 # Key tokens per tile (with their warps and pipeline stages), and scored tokens per
 # program of the two-pass pooling kernel. On an H100 at 128K tokens each two-pass key
@@ -61,6 +70,9 @@ _BLOCK_N = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 _BLOCK_POOL = 256
+# Key tokens per program of the two-pass mass kernel (its own constant: with the
+# normalisers given it is the only key pass, and its tile size was swept on its own).
+_MASS_BLOCK_N = 64
 # Two-pass step 1 aims for this many programs per SM (on a CPU, the interpreter: a fixed
 # count).
 _PROGRAMS_PER_SM = 4
@@ -198,16 +210,25 @@ def _lse_partial_kernel(
 
 
 @triton.jit
-def _merge_lse_kernel(partial_ptr, lse_ptr, num_splits, M: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """``lse[s, h, m]``: log2-sum-exp of ``partial[s, h, :, m]`` over the key splits."""
-    row = tl.program_id(0)  # flat (s, h)
+def _merge_lse_kernel(
+    partial_ptr, lse_ptr, num_splits, stride_ls, stride_lw, stride_lh, window, group,
+    M: tl.constexpr, W_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """``lse[s, i, h * group + g]``: log2-sum-exp of ``partial[s, h, :, g * W_PAD + i]``
+    over the key splits (the layout FlashAttention's log-sum-exps are given in)."""
+    s = tl.program_id(0)
+    h = tl.program_id(1)
     offs_split = tl.arange(0, SPLITS_PAD)
     offs_m = tl.arange(0, M)
+    row = s * tl.num_programs(1) + h
     ptrs = partial_ptr + (row * num_splits + offs_split[:, None]) * M + offs_m[None, :]
     part = tl.load(ptrs, mask=offs_split[:, None] < num_splits, other=float("-inf"))
     top = tl.max(part, axis=0)
     lse = top + tl.log2(tl.sum(tl.exp2(part - top[None, :]), axis=0))
-    tl.store(lse_ptr + row * M + offs_m, lse)
+    g = offs_m // W_PAD
+    i = offs_m % W_PAD
+    out = lse_ptr + s * stride_ls + i * stride_lw + (h * group + g) * stride_lh
+    tl.store(out, lse, mask=(g < group) & (i < window))
 
 
 @triton.jit
@@ -215,14 +236,15 @@ def _window_mass_kernel(
     query_ptr, key_cache_ptr, block_table_ptr, seq_lens_ptr, lse_ptr, mass_ptr,
     stride_qs, stride_qw, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_bt, stride_ms, stride_mh,
-    window, group, head_dim, qk_scale, width,
+    stride_bt, stride_ls, stride_lw, stride_lh, stride_ms, stride_mh,
+    window, group, head_dim, qk_scale, lse_to_log2, width,
     PAGE_SIZE: tl.constexpr, G_PAD: tl.constexpr, W_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Two-pass step 2: ``mass[s, q, j] = sum_i softmax_row(q, i)[j]`` for the tile's
     tokens ``j < T - window`` (and ``< width``); other entries are left untouched.
 
+    ``lse[s, i, q] * lse_to_log2`` is row ``(q, i)``'s normaliser in log2 units.
     Before the window every window query sees every key, so no causal mask here."""
     M: tl.constexpr = G_PAD * W_PAD
     s = tl.program_id(0)
@@ -233,7 +255,9 @@ def _window_mass_kernel(
     d_mask = offs_d < head_dim
     q, row_valid = _load_window_queries(query_ptr, s, h, stride_qs, stride_qw, stride_qh, stride_qd,
                                         window, group, offs_m, offs_d, d_mask, W_PAD)
-    lse = tl.load(lse_ptr + (s * tl.num_programs(1) + h) * M + offs_m)
+    lse_ptrs = (lse_ptr + s * stride_ls + (offs_m % W_PAD) * stride_lw
+                + (h * group + offs_m // W_PAD) * stride_lh)
+    lse = tl.load(lse_ptrs, mask=row_valid, other=0.0) * lse_to_log2
     tok = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_mask = tok < num_scored
     logits = _key_tile_logits(q, key_cache_ptr, block_table_ptr + s.to(tl.int64) * stride_bt, h,
@@ -587,6 +611,7 @@ def window_scores(
     k_scale: float = 1.0,
     max_seq_len: int | None = None,
     fused: FusedTuning | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pooled, GQA-summed attention mass of the last ``window`` queries on each token.
 
@@ -609,12 +634,20 @@ def window_scores(
         fused: launch shape of the fused single-launch kernel; ``None`` (the default)
             runs the two-pass kernels (same scores up to fp32 rounding). Pooling kernels
             wider than 33 always run two-pass (their halo would not fit one tile).
+        lse: fp32 ``[num_seqs, window, num_q_heads]`` (any strides), each window query's
+            natural-log log-sum-exp over the keys it sees, as the prompt's causal
+            FlashAttention returns it (:func:`~vllm_fastkv.kernels.reference.window_lse_ref`
+            computes the same). Given, the first pass is skipped and the keys are read
+            once; ``fused`` must then be ``None``.
 
     Returns:
         fp32 ``[num_seqs, num_kv_heads, max(T) - w]``: token ``j < T_s - w`` of sequence
         ``s`` scores ``out[s, h, j]``; the rest is ``-inf``.
     """
     check_scoring_args(query, key_cache, block_table, seq_lens, window, pool_kernel, pooling)
+    check_window_lse(lse, query)
+    if lse is not None and fused is not None:
+        raise ValueError("lse and fused exclude each other: the fused kernel computes its own")
     num_seqs, _, num_q_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -648,7 +681,7 @@ def window_scores(
                       g_pad=g_pad, pool_kernel=pool_kernel, pooling=pooling)
         return out
     _two_pass_scores(query, key_cache, block_table, seq_lens, out, common, g_pad=g_pad,
-                     pool_kernel=pool_kernel, pooling=pooling)
+                     pool_kernel=pool_kernel, pooling=pooling, lse=lse)
     return out
 
 
@@ -703,12 +736,48 @@ def _two_pass_scores(
     g_pad: int,
     pool_kernel: int,
     pooling: Pooling,
+    lse: torch.Tensor | None,
 ) -> None:
-    """Fill ``out`` with the four two-pass launches (see the module docstring)."""
+    """Fill ``out`` with the two-pass launches (see the module docstring); with ``lse``
+    given, only the last two."""
     num_seqs, window, num_q_heads, _ = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_q_heads // num_kv_heads
     width = out.shape[2]
+    if lse is None:
+        lse, lse_to_log2 = _key_pass_lse(query, key_cache, block_table, seq_lens, common,
+                                         g_pad=g_pad, width=width), 1.0  # fmt: skip
+    else:
+        lse_to_log2 = math.log2(math.e)
+    mass = torch.empty(num_seqs, num_q_heads, width, dtype=torch.float32, device=query.device)
+    _window_mass_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _MASS_BLOCK_N))](
+        query, key_cache, block_table, seq_lens, lse, mass,
+        stride_ls=lse.stride(0), stride_lw=lse.stride(1), stride_lh=lse.stride(2),
+        stride_ms=mass.stride(0), stride_mh=mass.stride(1), lse_to_log2=lse_to_log2,
+        width=width, G_PAD=g_pad, BLOCK_N=_MASS_BLOCK_N, **common,
+    )
+    _pool_group_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_POOL))](
+        mass, seq_lens, out,
+        mass.stride(0), mass.stride(1), out.stride(0), out.stride(1),
+        window, group, width,
+        POOL=pool_kernel, IS_MAX=pooling == "max", G_PAD=triton.next_power_of_2(group),
+        BLOCK=_BLOCK_POOL,
+    )
+
+
+def _key_pass_lse(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    common: dict,
+    *,
+    g_pad: int,
+    width: int,
+) -> torch.Tensor:
+    """Pass 1: fp32 ``[num_seqs, window, num_q_heads]`` log2-sum-exps of the window rows."""
+    num_seqs, window, num_q_heads, _ = query.shape
+    num_kv_heads = key_cache.shape[2]
     rows = g_pad * common["W_PAD"]
     num_tiles = triton.cdiv(width + window, _BLOCK_N)
     # Key splits: enough programs to fill the GPU, never an empty tile range.
@@ -722,20 +791,10 @@ def _two_pass_scores(
         query, key_cache, block_table, seq_lens, partial,
         tiles_per_split=tiles_per_split, M=rows, BLOCK_N=_BLOCK_N, **common,
     )
-    lse = torch.empty(num_seqs, num_kv_heads, rows, dtype=torch.float32, device=query.device)
-    _merge_lse_kernel[(num_seqs * num_kv_heads,)](
-        partial, lse, splits, M=rows, SPLITS_PAD=triton.next_power_of_2(splits),
+    lse = torch.empty(num_seqs, window, num_q_heads, dtype=torch.float32, device=query.device)
+    _merge_lse_kernel[(num_seqs, num_kv_heads)](
+        partial, lse, splits, lse.stride(0), lse.stride(1), lse.stride(2), window,
+        num_q_heads // num_kv_heads, M=rows, W_PAD=common["W_PAD"],
+        SPLITS_PAD=triton.next_power_of_2(splits),
     )
-    mass = torch.empty(num_seqs, num_q_heads, width, dtype=torch.float32, device=query.device)
-    _window_mass_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_N))](
-        query, key_cache, block_table, seq_lens, lse, mass,
-        stride_ms=mass.stride(0), stride_mh=mass.stride(1), width=width, G_PAD=g_pad,
-        BLOCK_N=_BLOCK_N, **common,
-    )
-    _pool_group_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_POOL))](
-        mass, seq_lens, out,
-        mass.stride(0), mass.stride(1), out.stride(0), out.stride(1),
-        window, group, width,
-        POOL=pool_kernel, IS_MAX=pooling == "max", G_PAD=triton.next_power_of_2(group),
-        BLOCK=_BLOCK_POOL,
-    )
+    return lse
