@@ -27,8 +27,8 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 * with ``--sweep``: device time of the fused kernel (avg pooling) for a grid of
   :class:`~vllm_fastkv.kernels.scoring.FusedTuning` launch shapes, best first, each
   checked against the default shape's scores;
-* with ``--score-blocks N ...``: the ``attention_lse`` path (avg pooling) at each key tile
-  of the pass-2 kernel (``scoring._SCORE_BLOCK``, restored afterwards).
+* with ``--mass-blocks N ...``: the ``attention_lse`` path (avg pooling) at each key tile
+  of the mass kernel (``scoring._MASS_BLOCK_N``, restored afterwards).
 
 Two times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
 calls; host work and device syncs included, which is what the engine pays), ``device`` the
@@ -250,15 +250,15 @@ def run_length(
             if ref is not None:
                 checks[f"scores_{pooling}_{path}_rel_error"] = rel_error(scoring(), ref)
         del ref
-    default_block = scoring_module._SCORE_BLOCK
+    default_block = scoring_module._MASS_BLOCK_N
     try:
-        for block in args.score_blocks:
-            scoring_module._SCORE_BLOCK = block
-            measure(rows, f"window_scores[avg,attention_lse,score_block={block}]", seq_len,
+        for block in args.mass_blocks:
+            scoring_module._MASS_BLOCK_N = block
+            measure(rows, f"window_scores[avg,attention_lse,mass_block={block}]", seq_len,
                     lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
                                           **score_kwargs), key_floor_ms)  # fmt: skip
     finally:
-        scoring_module._SCORE_BLOCK = default_block
+        scoring_module._MASS_BLOCK_N = default_block
     scores = window_scores(query, key_cache, block_table, seq_lens, **score_kwargs)
     if args.sweep:
         sweep_fused(query, key_cache, block_table, seq_lens, score_kwargs, scores, sweep)
@@ -358,8 +358,8 @@ def main() -> None:
         "--sweep", action="store_true", help="also time the fused kernel's launch-shape grid"
     )
     parser.add_argument(
-        "--score-blocks", type=int, nargs="*", default=[],
-        help="also time the attention_lse path at these pass-2 key tiles",
+        "--mass-blocks", type=int, nargs="*", default=[],
+        help="also time the attention_lse path at these mass-kernel key tiles",
     )  # fmt: skip
     args = parser.parse_args()
 

@@ -34,14 +34,13 @@ Two implementations of the same function:
   registers: a tile of ``BLOCK`` keys yields ``BLOCK - 2 * (pool_kernel // 2)`` scores,
   its edges being the pooling halo, so no mass tensor exists either.
 * Two-pass (default, ``fused=None``): ``_lse_partial_kernel`` (pass 1 over key splits) and
-  ``_merge_lse_kernel``, then ``_pooled_scores_kernel`` (pass 2: one program per tile of
-  ``_SCORE_BLOCK`` keys, pooling and group-summing in registers like the fused kernel's
-  pass 2, its halo keys read twice). Three launches; both passes read the keys from HBM
-  (with ``lse`` given: pass 2 alone, one key pass). Pooling wider than 33 tokens runs
-  pass 2 as ``_window_mass_kernel`` (per-query-head mass ``[num_seqs, num_q_heads,
-  max(T) - window]`` in fp32) and ``_pool_group_kernel``. The default: on an H200 it is
-  the faster of the two (docs/BENCHMARKS.md): the fused kernel is bound by its per-job
-  latency, not by HBM, so its L2 reuse does not pay.
+  ``_merge_lse_kernel``, then ``_window_mass_kernel`` (pass 2, per-query-head mass
+  ``[num_seqs, num_q_heads, max(T) - window]`` in fp32) and ``_pool_group_kernel``
+  (pooling per query head, then the group sum). Four launches; both passes read the keys
+  from HBM (with ``lse`` given: the last two launches, one key pass). The default: on an
+  H200 it is the faster of the two (0.19 vs 0.33 ms at 128K tokens, Llama-3.1-8B heads;
+  docs/kernels-notes.md): the fused kernel is bound by its per-job latency, not by HBM,
+  so its L2 reuse does not pay yet.
 
 Max pooling does not commute with the group sum, so both keep query heads apart until
 pooled; avg pooling does commute (it is linear), so the fused kernel pools the group sum.
@@ -71,9 +70,9 @@ _BLOCK_N = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 _BLOCK_POOL = 256
-# Key tokens per program of the two-pass pass 2 (with the normalisers given, the only key
-# pass): 128 was the fastest of 32-256 on an H200 at 128K tokens (docs/BENCHMARKS.md).
-_SCORE_BLOCK = 128
+# Key tokens per program of the two-pass mass kernel (its own constant: with the
+# normalisers given it is the only key pass, and its tile size was swept on its own).
+_MASS_BLOCK_N = 64
 # Two-pass step 1 aims for this many programs per SM (on a CPU, the interpreter: a fixed
 # count).
 _PROGRAMS_PER_SM = 4
@@ -339,59 +338,6 @@ def _pool_tile(
 
 
 @triton.jit
-def _pooled_scores_kernel(
-    query_ptr, key_cache_ptr, block_table_ptr, seq_lens_ptr, lse_ptr, out_ptr,
-    stride_qs, stride_qw, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_bt, stride_ls, stride_lw, stride_lh, stride_os, stride_oh,
-    window, group, head_dim, qk_scale, lse_to_log2, width,
-    PAGE_SIZE: tl.constexpr, G_PAD: tl.constexpr, W_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, POOL: tl.constexpr, POOL_PAD: tl.constexpr, IS_MAX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Pass 2 in one launch: ``out[s, h, j]`` for the ``BLOCK - 2 * (POOL // 2)`` tokens of
-    program ``(s, h, t)``, ``-inf`` from ``T - window`` on.
-
-    The tile's keys include the pooling halo on both sides, so the mass is pooled and
-    group-summed in registers (as in the fused kernel's pass 2) and never stored; the
-    halo's keys are read by two neighbouring programs (``2 * (POOL // 2) / BLOCK`` more
-    key reads). ``lse[s, i, q] * lse_to_log2`` is row ``(q, i)``'s normaliser in log2
-    units."""
-    M: tl.constexpr = G_PAD * W_PAD
-    HALO: tl.constexpr = POOL // 2
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    num_scored = tl.minimum(tl.load(seq_lens_ptr + s) - window, width)
-    out_start = tl.program_id(2) * (BLOCK - 2 * HALO)
-    lane = tl.arange(0, BLOCK)
-    tok = out_start - HALO + lane
-    central = (lane >= HALO) & (lane < BLOCK - HALO) & (tok < width)
-    score = tl.full([BLOCK], float("-inf"), tl.float32)
-    if out_start < num_scored:
-        offs_m = tl.arange(0, M)
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < head_dim
-        q, row_valid = _load_window_queries(query_ptr, s, h, stride_qs, stride_qw, stride_qh,
-                                            stride_qd, window, group, offs_m, offs_d, d_mask,
-                                            W_PAD)
-        lse_ptrs = (lse_ptr + s * stride_ls + (offs_m % W_PAD) * stride_lw
-                    + (h * group + offs_m // W_PAD) * stride_lh)
-        lse = tl.load(lse_ptrs, mask=row_valid, other=0.0) * lse_to_log2
-        tok_valid = (tok >= 0) & (tok < num_scored)
-        logits = _key_tile_logits(q, key_cache_ptr, block_table_ptr + s.to(tl.int64) * stride_bt,
-                                  h, tok, tok_valid, stride_kb, stride_ks, stride_kh, stride_kd,
-                                  offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_PRECISION)
-        # logit <= lse in exact arithmetic; the clamp only guards rounding.
-        probs = tl.where(row_valid[:, None], tl.exp2(tl.minimum(logits - lse[:, None], 0.0)),
-                         0.0)  # fmt: skip
-        mass = tl.sum(tl.reshape(probs, [G_PAD, W_PAD, BLOCK]), axis=1)
-        g_valid = tl.arange(0, G_PAD) < group
-        pooled = _pool_tile(mass, tok_valid, g_valid, POOL, POOL_PAD, IS_MAX, G_PAD, BLOCK)
-        score = tl.where(tok < num_scored, pooled, score)
-    tl.store(out_ptr + s * stride_os + h * stride_oh + tok, score, mask=central)
-
-
-@triton.jit
 def _items_per_seq(seq_lens_ptr, first, num_seqs, window, chunk, max_items,
                    SEQ_BLOCK: tl.constexpr):
     """Indices, lengths and items per KV head of sequences ``first .. first + SEQ_BLOCK - 1``
@@ -643,13 +589,13 @@ def _num_programs(per_sm: int, device: torch.device) -> int:
     return _PROGRAMS_WITHOUT_GPU
 
 
-def _pooling_tile(pool_kernel: int, keys: int) -> int | None:
-    """A pass-2 tile that pools in registers: at least ``keys`` keys with the pooling halo
-    at most a quarter of it; ``None`` if the halo is too wide for one tile in registers."""
+def _fused_tile(pool_kernel: int) -> int | None:
+    """Pass-2 tile of the fused kernel: at least ``_BLOCK_N`` keys with the pooling halo at
+    most a quarter of it; ``None`` if the halo is too wide for one tile in registers."""
     halo = pool_kernel // 2
     if halo > _MAX_FUSED_HALO:
         return None
-    return max(keys, triton.next_power_of_2(8 * halo))
+    return max(_BLOCK_N, triton.next_power_of_2(8 * halo))
 
 
 def window_scores(
@@ -729,7 +675,7 @@ def window_scores(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
-    tile = _pooling_tile(pool_kernel, _BLOCK_N)
+    tile = _fused_tile(pool_kernel)
     if fused is not None and tile is not None:
         _fused_scores(query, key_cache, block_table, seq_lens, out, common, fused, tile=tile,
                       g_pad=g_pad, pool_kernel=pool_kernel, pooling=pooling)
@@ -793,7 +739,7 @@ def _two_pass_scores(
     lse: torch.Tensor | None,
 ) -> None:
     """Fill ``out`` with the two-pass launches (see the module docstring); with ``lse``
-    given, pass 2 alone."""
+    given, only the last two."""
     num_seqs, window, num_q_heads, _ = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -803,24 +749,13 @@ def _two_pass_scores(
                                          g_pad=g_pad, width=width), 1.0  # fmt: skip
     else:
         lse_to_log2 = math.log2(math.e)
-    lse_args = dict(stride_ls=lse.stride(0), stride_lw=lse.stride(1), stride_lh=lse.stride(2),
-                    lse_to_log2=lse_to_log2, width=width, G_PAD=g_pad)  # fmt: skip
-    tile = _pooling_tile(pool_kernel, _SCORE_BLOCK)
-    if tile is not None:
-        per_tile = tile - 2 * (pool_kernel // 2)
-        _pooled_scores_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, per_tile))](
-            query, key_cache, block_table, seq_lens, lse, out,
-            stride_os=out.stride(0), stride_oh=out.stride(1), BLOCK=tile, POOL=pool_kernel,
-            POOL_PAD=triton.next_power_of_2(pool_kernel), IS_MAX=pooling == "max",
-            **lse_args, **common,
-        )  # fmt: skip
-        return
     mass = torch.empty(num_seqs, num_q_heads, width, dtype=torch.float32, device=query.device)
-    _window_mass_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_N))](
+    _window_mass_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _MASS_BLOCK_N))](
         query, key_cache, block_table, seq_lens, lse, mass,
-        stride_ms=mass.stride(0), stride_mh=mass.stride(1), BLOCK_N=_BLOCK_N,
-        **lse_args, **common,
-    )  # fmt: skip
+        stride_ls=lse.stride(0), stride_lw=lse.stride(1), stride_lh=lse.stride(2),
+        stride_ms=mass.stride(0), stride_mh=mass.stride(1), lse_to_log2=lse_to_log2,
+        width=width, G_PAD=g_pad, BLOCK_N=_MASS_BLOCK_N, **common,
+    )
     _pool_group_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_POOL))](
         mass, seq_lens, out,
         mass.stride(0), mass.stride(1), out.stride(0), out.stride(1),
