@@ -221,6 +221,24 @@ def test_scores_from_given_lse(case, paged_kv, device, poison_empty):
         window_scores(*args, lse=lse[:, :-1], **kwargs)
 
 
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("pool_kernel", [33, 35, 63])
+def test_wide_pooling(pool_kernel, pooling, paged_kv, device, poison_empty):
+    """Pooling as wide as or wider than the fused kernel pools in registers (33): the
+    two-pass kernels' scores are the reference's, with and without the log-sum-exps."""
+    seq_lens = [300, 40, 129]
+    paged = paged_kv(seq_lens, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+                     seed=13)  # fmt: skip
+    torch.manual_seed(13)
+    query = random_query(len(seq_lens), 8, 4, 64, torch.float32, device)
+    args = (query, paged.key_cache, paged.block_table, paged.seq_lens)
+    kwargs = dict(scale=0.125, window=8, pool_kernel=pool_kernel, pooling=pooling)
+    ref = window_scores_ref(*args, **kwargs)
+    lse = window_lse_ref(*args, scale=0.125, window=8)
+    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
+
+
 def test_single_long_sequence_uses_many_key_splits(paged_kv, device, poison_empty):
     """Two-pass, one sequence and one KV head: every key tile is its own split in step 1."""
     paged = paged_kv([257], num_kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32, seed=7)
