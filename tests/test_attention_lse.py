@@ -53,6 +53,53 @@ def test_capture_only_while_armed(stand_in):
     assert attention_lse._armed is None
 
 
+class _FlashAttentionStandIn:
+    """The base FASTKV's FlashAttention implementation extends, reduced to its call of
+    vLLM's module-level entry point (looked up at call time, as vLLM's forward does)."""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *_):
+        return flash_attn_module.flash_attn_varlen_func(q=query, k=key, v=value, out=output)
+
+
+@pytest.mark.parametrize("lse_for_scoring", [True, False])
+@pytest.mark.parametrize("compressing", [True, False])
+def test_compressing_step_hands_the_lse_to_compression(
+    stand_in, monkeypatch, lse_for_scoring, compressing
+):
+    """FASTKV's attention arms the capture only in a step that compresses, with a backend
+    whose log-sum-exps are scoring's normalisers, and passes what it caught on."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from vllm_fastkv import attention_backend
+    from vllm_fastkv.retention_metadata import COMPRESSION_ATTR
+
+    calls = []
+    monkeypatch.setattr(attention_backend, "compress_prompt_kv",
+                        lambda *args, **kwargs: calls.append(kwargs["attention_lse"]))  # fmt: skip
+
+    class Impl(attention_backend._CompressAfterAttention, _FlashAttentionStandIn):
+        head_size, kv_cache_dtype, scale = 8, "auto", 1.0
+
+    impl = Impl()
+    impl.lse_for_scoring = lse_for_scoring
+    batch = SimpleNamespace(timer=SimpleNamespace(span=lambda device: nullcontext()))
+    metadata = SimpleNamespace(**({COMPRESSION_ATTR: batch} if compressing else {}))
+    query = torch.randn(5, 3, 8)
+    impl.forward(SimpleNamespace(_k_scale_float=1.0), query, query, query,
+                 torch.zeros(2, 1, 16, 16), metadata, torch.empty_like(query))  # fmt: skip
+    if not compressing:
+        assert calls == []
+        return
+    (lse,) = calls
+    if lse_for_scoring:
+        assert torch.equal(lse, stand_in_varlen(query, None, None, out=query.clone(),
+                                                return_softmax_lse=True)[1])  # fmt: skip
+    else:
+        assert lse is None
+    assert attention_lse._armed is None
+
+
 def test_install_without_flash_attention(monkeypatch):
     monkeypatch.delattr(flash_attn_module, "flash_attn_varlen_func", raising=False)
     assert not attention_lse.install()
