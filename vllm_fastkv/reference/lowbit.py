@@ -11,6 +11,11 @@ group them (keys: per channel over each cache block of ``block_size`` ranks; val
 rank over ``value_group`` channels), with the same arithmetic
 (:func:`vllm_fastkv.reference.quantization.quantize_groups_ref`). Decoding with it
 (:func:`vllm_fastkv.reference.greedy_decode` with ``kv_store``) is what the engine does.
+
+:func:`keep_evicted_low_bit` is the mixed-precision variant (MiKV's idea): the entries
+retention evicts are kept at low bits instead of dropped, the retained ones at full
+precision. The engine does not implement it; ``benchmarks/accuracy/mixed_precision.py``
+measures what it would recover (docs/ACCURACY.md).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import dataclasses
 
 import torch
 
-from vllm_fastkv.reference.fastkv import PrefillResult
+from vllm_fastkv.reference.fastkv import LayerKV, PrefillResult
 from vllm_fastkv.reference.quantization import dequantize_groups_ref, quantize_groups_ref
 
 
@@ -49,13 +54,11 @@ class LowBitStore:
         if due <= done:
             return keys, values
         keys, values = keys.clone(), values.clone()
-        heads, _, dim = keys.shape
-        group = min(self.value_group, dim)
         span = slice(done, due)
-        k = keys[:, span].reshape(heads, (due - done) // self.block_size, self.block_size, dim)
-        keys[:, span] = _round_trip(k, self.bits, dim=2).reshape(heads, due - done, dim)
-        v = values[:, span].reshape(heads, due - done, dim // group, group)
-        values[:, span] = _round_trip(v, self.bits, dim=3).reshape(heads, due - done, dim)
+        keys[:, span], values[:, span] = _store_low_bit(
+            keys[:, span], values[:, span], bits=self.bits, value_group=self.value_group,
+            block_size=self.block_size,
+        )  # fmt: skip
         self._stored[layer] = due
         return keys, values
 
@@ -67,6 +70,79 @@ class LowBitStore:
             for keys, values in [self(index, layer.keys, layer.values)]
         ]
         return dataclasses.replace(prefill, layers=layers)
+
+
+def keep_evicted_low_bit(
+    full: PrefillResult,
+    retained: PrefillResult,
+    *,
+    bits: int,
+    value_group: int,
+    block_size: int,
+) -> PrefillResult:
+    """Mixed precision (MiKV's idea): what retention evicts is stored at ``bits``, not dropped.
+
+    ``full`` and ``retained`` are prefills of one prompt with the whole KV and with KV
+    retention alone (``tsp_rate 1.0``: every layer ran over all ``T`` tokens). Each layer of
+    the result holds the evicted entries of each KV head first, in ascending position,
+    quantised as packed pages group them (keys per channel over ``block_size`` ranks,
+    values per rank over ``value_group`` channels; a last partial group of keys stays at
+    full precision), with the retained entries at full precision; entries are returned in
+    position order per head (attention does not depend on the order: RoPE is applied to
+    the keys), so every layer holds all ``T`` positions.
+    """
+    layers = []
+    for whole, kept in zip(full.layers, retained.layers, strict=True):
+        heads, prompt_len, dim = whole.keys.shape
+        if whole.positions.numel() != prompt_len or not torch.equal(whole.positions,
+                                                                     kept.positions):
+            raise ValueError("keep_evicted_low_bit needs retention alone (every layer over all T)")
+        evicted = torch.ones(heads, prompt_len, dtype=torch.bool, device=whole.keys.device)
+        evicted.scatter_(1, kept.indices.long(), False)
+        count = prompt_len - kept.indices.shape[1]
+        keys, values = _store_low_bit(
+            whole.keys[evicted].view(heads, count, dim),
+            whole.values[evicted].view(heads, count, dim),
+            bits=bits, value_group=value_group, block_size=block_size,
+        )  # fmt: skip
+        indices = torch.cat([whole.positions[None].expand(heads, -1)[evicted].view(heads, count),
+                             kept.indices], dim=1)  # fmt: skip
+        # Back in position order per head (LayerKV's convention; attention is order-free).
+        order = indices.argsort(dim=1)
+        rows = order[..., None].expand(-1, -1, dim)
+        layers.append(dataclasses.replace(
+            kept,
+            indices=indices.gather(1, order),
+            keys=torch.cat([keys, kept.keys], dim=1).gather(1, rows),
+            values=torch.cat([values, kept.values], dim=1).gather(1, rows),
+        ))  # fmt: skip
+    return dataclasses.replace(retained, layers=layers)
+
+
+def round_trip_layer(layer: LayerKV, *, bits: int, value_group: int, block_size: int) -> LayerKV:
+    """``layer`` with every entry stored at ``bits`` (grouped as in
+    :func:`keep_evicted_low_bit`): quantisation alone, without retention."""
+    keys, values = _store_low_bit(layer.keys, layer.values, bits=bits,
+                                  value_group=value_group, block_size=block_size)  # fmt: skip
+    return dataclasses.replace(layer, keys=keys, values=values)
+
+
+def _store_low_bit(
+    keys: torch.Tensor, values: torch.Tensor, *, bits: int, value_group: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[heads, n, dim]`` keys and values as packed pages store them: keys per channel over
+    each ``block_size`` entries (a last partial group stays at full precision), values per
+    entry over ``value_group`` channels."""
+    heads, count, dim = keys.shape
+    keys = keys.clone()
+    grouped = count // block_size * block_size
+    if grouped:
+        k = keys[:, :grouped].reshape(heads, grouped // block_size, block_size, dim)
+        keys[:, :grouped] = _round_trip(k, bits, dim=2).reshape(heads, grouped, dim)
+    group = min(value_group, dim)
+    values = _round_trip(values.reshape(heads, count, dim // group, group), bits,
+                         dim=3).reshape(heads, count, dim)  # fmt: skip
+    return keys, values
 
 
 def _round_trip(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
