@@ -22,7 +22,7 @@ def test_serve_bench_records_every_kind(tmp_path):
     cmd = [
         sys.executable, "benchmarks/serve_bench.py", "--shape", "smoke",
         "--model-dir", str(tmp_path / "models"), "--max-model-len", "1024",
-        "--decode-tokens", "4", "--reps", "1", "--ttft-lens", "256", "--decode-lens", "256",
+        "--decode-tokens", "32", "--reps", "1", "--ttft-lens", "256", "--decode-lens", "256",
         "--batches", "2", "--profile-decode-lens", "256", "--profile-batch", "2",
         "--profile-steps", "2", "--profile-skip", "1", "--concurrency-len",
         "--backends", "FASTKV", "--fastkv", json.dumps(SETTINGS), "--out", str(out),
@@ -35,7 +35,9 @@ def test_serve_bench_records_every_kind(tmp_path):
     assert sorted(records) == ["decode", "profile_decode", "ttft"]
     assert all(r["fastkv"] == SETTINGS and r["backend"] == "FASTKV" for r in records.values())
     decode = records["decode"]
-    assert decode["output_tokens"] == 4 and decode["tpot_ms"] > 0 and decode["fits_kv_pool"]
+    # TPOT is the batch's time minus a separate prefill's, over the output tokens: 32
+    # decode steps outweigh the prefill's jitter on a loaded CI runner (4 once did not).
+    assert decode["output_tokens"] == 32 and decode["tpot_ms"] > 0 and decode["fits_kv_pool"]
     assert decode["total_s"] > decode["prefill_s"] > 0
     profile = records["profile_decode"]
     assert (profile["steps"], profile["skipped_steps"], profile["batch"]) == (2, 1, 2)
