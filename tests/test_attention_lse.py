@@ -47,9 +47,6 @@ def test_capture_only_while_armed(stand_in):
     with attention_lse.capture_lse() as captured:
         result = wrapped(q=q, k=k, v=v, out=torch.empty_like(q), return_softmax_lse=True)
     assert isinstance(result, tuple) and captured.lse is None
-    with attention_lse.capture_lse(enabled=False) as captured:
-        wrapped(q=q, k=k, v=v, out=torch.empty_like(q))
-    assert captured.lse is None
     assert attention_lse._armed is None
 
 
@@ -57,7 +54,10 @@ class _FlashAttentionStandIn:
     """The base FASTKV's FlashAttention implementation extends, reduced to its call of
     vLLM's module-level entry point (looked up at call time, as vLLM's forward does)."""
 
+    armed: list[bool]
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *_):
+        self.armed.append(attention_lse._armed is not None)
         return flash_attn_module.flash_attn_varlen_func(q=query, k=key, v=value, out=output)
 
 
@@ -82,12 +82,14 @@ def test_compressing_step_hands_the_lse_to_compression(
         head_size, kv_cache_dtype, scale = 8, "auto", 1.0
 
     impl = Impl()
-    impl.lse_for_scoring = lse_for_scoring
+    impl.lse_for_scoring, impl.armed = lse_for_scoring, []
     batch = SimpleNamespace(timer=SimpleNamespace(span=lambda device: nullcontext()))
     metadata = SimpleNamespace(**({COMPRESSION_ATTR: batch} if compressing else {}))
     query = torch.randn(5, 3, 8)
     impl.forward(SimpleNamespace(_k_scale_float=1.0), query, query, query,
                  torch.zeros(2, 1, 16, 16), metadata, torch.empty_like(query))  # fmt: skip
+    # Armed around vLLM's call only when it can pay off (decode steps run this per layer).
+    assert impl.armed == [compressing and lse_for_scoring]
     if not compressing:
         assert calls == []
         return

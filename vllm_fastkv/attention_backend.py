@@ -97,12 +97,13 @@ class _CompressAfterAttention:
     ) -> torch.Tensor:
         batch = getattr(attn_metadata, COMPRESSION_ATTR, None)
         packed = getattr(attn_metadata, PACKED_ATTR, None)
-        with attention_lse.capture_lse(batch is not None and self.lse_for_scoring) as captured:
-            if packed is None or not packed.attends_all:
-                output = super().forward(  # type: ignore[misc]
-                    layer, query, key, value, kv_cache, attn_metadata, output,
-                    output_scale, output_block_scale,
-                )  # fmt: skip
+        lse = None
+        if packed is None or not packed.attends_all:
+            output, lse = self._vllm_attention(
+                batch is not None and self.lse_for_scoring,
+                layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale, output_block_scale,
+            )  # fmt: skip
         if batch is None and packed is None:
             return output
         key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
@@ -114,13 +115,24 @@ class _CompressAfterAttention:
             attend_packed(query, key_cache, value_cache, packed, output, scale=self.scale)
         if batch is not None:
             if self.lse_for_scoring:
-                _log_scoring_pass(captured.lse is not None)
+                _log_scoring_pass(lse is not None)
             with batch.timer.span(query.device):
                 compress_prompt_kv(
                     query, key_cache, value_cache, batch,
-                    scale=self.scale, k_scale=layer._k_scale_float, attention_lse=captured.lse,
+                    scale=self.scale, k_scale=layer._k_scale_float, attention_lse=lse,
                 )  # fmt: skip
         return output
+
+    def _vllm_attention(
+        self, capture: bool, *args
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """vLLM's attention of the base class, with its log-sum-exps if ``capture`` (the
+        capture is armed only then: decode steps run this per layer)."""
+        if not capture:
+            return super().forward(*args), None  # type: ignore[misc]
+        with attention_lse.capture_lse() as captured:
+            output = super().forward(*args)  # type: ignore[misc]
+        return output, captured.lse
 
 
 def _log_scoring_pass(from_attention: bool) -> None:

@@ -32,7 +32,7 @@ _WRAPPED_ATTR = "_fastkv_lse_capture"
 @dataclass
 class CapturedLse:
     """What one armed forward captured: FlashAttention's ``[num_heads, num_tokens]`` fp32
-    natural-log log-sum-exps of its queries, or ``None`` if the call did not run."""
+    natural-log log-sum-exps of its queries, or ``None`` if no call handed them over."""
 
     lse: torch.Tensor | None = None
 
@@ -68,13 +68,10 @@ def install() -> bool:
 
 
 @contextmanager
-def capture_lse(enabled: bool = True) -> Iterator[CapturedLse]:
-    """Arm the capture for the block's FlashAttention call (if ``enabled``)."""
+def capture_lse() -> Iterator[CapturedLse]:
+    """Arm the capture for the block's FlashAttention call."""
     global _armed
     captured = CapturedLse()
-    if not enabled:
-        yield captured
-        return
     previous, _armed = _armed, captured
     try:
         yield captured

@@ -131,6 +131,7 @@ def window_lse_ref(
     queries (``return_softmax_lse``), the normaliser :func:`window_scores_ref` takes as
     ``lse``. Rows of sequences shorter than the window are ``-inf`` where they see no key.
     """
+    # The shape checks of scoring; no pooling here, so any valid pooling settings.
     check_scoring_args(query, key_cache, block_table, seq_lens, window, 1, "avg")
     num_seqs, _, num_q_heads, _ = query.shape
     num_kv_heads = key_cache.shape[2]

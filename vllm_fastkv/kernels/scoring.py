@@ -34,16 +34,16 @@ Two implementations of the same function:
   registers: a tile of ``BLOCK`` keys yields ``BLOCK - 2 * (pool_kernel // 2)`` scores,
   its edges being the pooling halo, so no mass tensor exists either.
 * Two-pass (default, ``fused=None``): ``_lse_partial_kernel`` (pass 1 over key splits) and
-  ``_merge_lse_kernel``, then ``_window_mass_kernel`` (pass 2, per-query-head mass
-  ``[num_seqs, num_q_heads, max(T) - window]`` in fp32) and ``_pool_group_kernel``
-  (pooling per query head, then the group sum). Four launches; both passes read the keys
-  from HBM (with ``lse`` given: the last two launches, one key pass). The default: on an
-  H200 it is the faster of the two (0.19 vs 0.33 ms at 128K tokens, Llama-3.1-8B heads;
-  docs/kernels-notes.md): the fused kernel is bound by its per-job latency, not by HBM,
-  so its L2 reuse does not pay yet.
+  ``_merge_lse_kernel``, then ``_window_mass_kernel`` (pass 2: fp32 mass ``[num_seqs,
+  heads, max(T) - window]``, per query head for max pooling, per KV head for avg) and
+  ``_pool_group_kernel`` (pooling, then the group sum where it is still to do). Four
+  launches; both passes read the keys from HBM (with ``lse`` given: the last two
+  launches, one key pass). The default: on an H200 it is the faster of the two (0.18 vs
+  0.33 ms at 128K tokens, Llama-3.1-8B heads; docs/BENCHMARKS.md): the fused kernel is
+  bound by its per-job latency, not by HBM, so its L2 reuse does not pay.
 
 Max pooling does not commute with the group sum, so both keep query heads apart until
-pooled; avg pooling does commute (it is linear), so the fused kernel pools the group sum.
+pooled; avg pooling does commute (it is linear), so both sum the group first.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ _NUM_STAGES = 3
 _BLOCK_POOL = 256
 # Key tokens per program of the two-pass mass kernel (its own constant: with the
 # normalisers given it is the only key pass). On an H200 at 128K tokens, Llama-3.1-8B
-# heads: 0.122 / 0.105 / 0.095 / 0.109 ms at 32 / 64 / 128 / 256 (docs/BENCHMARKS.md).
+# heads, normalisers given: 0.122 / 0.105 / 0.095 / 0.109 ms at 32 / 64 / 128 / 256 with
+# per-head mass, 0.093 / 0.086 / 0.100 ms at 64 / 128 / 256 with the avg group sum
+# (docs/BENCHMARKS.md).
 _MASS_BLOCK_N = 128
 # Two-pass step 1 aims for this many programs per SM (on a CPU, the interpreter: a fixed
 # count).
