@@ -27,8 +27,9 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 * with ``--sweep``: device time of the fused kernel (avg pooling) for a grid of
   :class:`~vllm_fastkv.kernels.scoring.FusedTuning` launch shapes, best first, each
   checked against the default shape's scores;
-* with ``--mass-blocks N ...``: the ``attention_lse`` path (avg pooling) at each key tile
-  of the mass kernel (``scoring._MASS_BLOCK_N``, restored afterwards).
+* with ``--tune``: device time of the ``attention_lse`` path (avg pooling) over a grid of
+  the mass kernel's launch constants (``scoring._MASS_*``), and of both compactions over
+  ``compaction._BLOCK_R`` x ``_NUM_WARPS`` (restored afterwards), fastest first.
 
 Two times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
 calls; host work and device syncs included, which is what the engine pays), ``device`` the
@@ -58,6 +59,7 @@ from vllm_fastkv.kernels import (
     window_scores,
     window_scores_ref,
 )
+from vllm_fastkv.kernels import compaction as compaction_module
 from vllm_fastkv.kernels import scoring as scoring_module
 from vllm_fastkv.kernels.scoring import FusedTuning
 
@@ -70,6 +72,15 @@ SCORING_PATHS: dict[str, FusedTuning | None] = {
     "fused_no_reuse": FusedTuning(lag_per_program=1e4),
     "two_pass": None,
 }
+# --tune grids: module constants of the mass kernel (scoring with the log-sum-exps given)
+# and of compaction.
+MASS_TUNING = dict(
+    _MASS_BLOCK_N=(64, 128),
+    _MASS_PROGRAMS_PER_SM=(2, 4, 8),
+    _MASS_NUM_STAGES=(2, 3, 4),
+    _MASS_NUM_WARPS=(4, 8),
+)
+COMPACT_TUNING = dict(_BLOCK_R=(16, 32, 64, 128, 256), _NUM_WARPS=(2, 4, 8))
 # --sweep grid of fused launch shapes.
 SWEEP = dict(
     programs_per_sm=(1, 2, 4),
@@ -84,9 +95,10 @@ def bench_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def device_ms(fn: Callable[[], object], iters: int = 20) -> float:
+def device_ms(fn: Callable[[], object], iters: int = 20) -> tuple[float, dict[str, float]]:
     """Milliseconds per call the GPU spends in kernels and copies (no host overhead; L2
-    stays warm between calls, unlike in :func:`bench_ms`)."""
+    stays warm between calls, unlike in :func:`bench_ms`), in total and per kernel name
+    (which launch of a multi-launch op costs what)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -94,7 +106,12 @@ def device_ms(fn: Callable[[], object], iters: int = 20) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / iters / 1e3
+    per_kernel = {
+        e.key: e.self_device_time_total / iters / 1e3
+        for e in prof.key_averages()
+        if e.self_device_time_total > 0
+    }
+    return sum(per_kernel.values()), per_kernel
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:
@@ -164,10 +181,46 @@ def sweep_fused(
             dict(
                 seq_len=seq_len,
                 **dict(zip(SWEEP, values)),
-                device_ms=device_ms(scoring),
+                device_ms=device_ms(scoring)[0],
                 rel_error_vs_default=rel_error(scoring(), expected),
             )
         )
+
+
+def tune_constants(
+    tuning: list[dict],
+    op: str,
+    seq_len: int,
+    module: object,
+    grid: dict[str, tuple],
+    fn: Callable[[], object],
+    floor_ms: float,
+) -> None:
+    """Device time of ``fn`` with the module's launch constants set to every combination
+    of ``grid`` (restored afterwards): the evidence behind the defaults."""
+    defaults = {name: getattr(module, name) for name in grid}
+    try:
+        for values in itertools.product(*grid.values()):
+            for name, value in zip(grid, values):
+                setattr(module, name, value)
+            ms = device_ms(fn)[0]
+            tuning.append(dict(op=op, seq_len=seq_len, **dict(zip(grid, values)),
+                               device_ms=ms, device_x_floor=ms / floor_ms))  # fmt: skip
+    finally:
+        for name, value in defaults.items():
+            setattr(module, name, value)
+
+
+def print_tuning(tuning: list[dict]) -> None:
+    """The five fastest launch-constant combinations per op and length."""
+    for key in sorted({(entry["op"], entry["seq_len"]) for entry in tuning}):
+        entries = sorted(
+            (e for e in tuning if (e["op"], e["seq_len"]) == key), key=lambda e: e["device_ms"]
+        )
+        print(f"{key[0]} at T={key[1]}, fastest launch constants first:")
+        for entry in entries[:5]:
+            names = ", ".join(f"{k}={v}" for k, v in entry.items() if k.startswith("_"))
+            print(f"  {entry['device_ms']:.4f} ms ({entry['device_x_floor']:.2f}x)  {names}")
 
 
 def print_scoring_summary(rows: list[dict], sweep: list[dict]) -> None:
@@ -203,11 +256,13 @@ def measure(
     rows: list[dict], op: str, seq_len: int, fn: Callable[[], object], floor_ms: float | None
 ) -> None:
     """Append one table row: call time, device time and, if given, the HBM floor."""
+    total_ms, per_kernel_ms = device_ms(fn)
     row = {
         "op": op,
         "seq_len": seq_len,
         "call_ms": bench_ms(fn),
-        "device_ms": device_ms(fn),
+        "device_ms": total_ms,
+        "kernels_ms": per_kernel_ms,
         "floor_ms": floor_ms,
     }
     if floor_ms:
@@ -217,7 +272,12 @@ def measure(
 
 
 def run_length(
-    args: argparse.Namespace, seq_len: int, bandwidth: float, rows: list[dict], sweep: list[dict]
+    args: argparse.Namespace,
+    seq_len: int,
+    bandwidth: float,
+    rows: list[dict],
+    sweep: list[dict],
+    tuning: list[dict],
 ) -> dict:
     """Every measurement at prompt length ``seq_len``; returns the correctness checks."""
     kv, key_cache, value_cache, block_table, query = paged_cache(args, seq_len, seed=seq_len)
@@ -250,15 +310,13 @@ def run_length(
             if ref is not None:
                 checks[f"scores_{pooling}_{path}_rel_error"] = rel_error(scoring(), ref)
         del ref
-    default_block = scoring_module._MASS_BLOCK_N
-    try:
-        for block in args.mass_blocks:
-            scoring_module._MASS_BLOCK_N = block
-            measure(rows, f"window_scores[avg,attention_lse,mass_block={block}]", seq_len,
-                    lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
-                                          **score_kwargs), key_floor_ms)  # fmt: skip
-    finally:
-        scoring_module._MASS_BLOCK_N = default_block
+    if args.tune:
+        tune_constants(
+            tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module, MASS_TUNING,
+            lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
+                                  **score_kwargs),
+            key_floor_ms,
+        )  # fmt: skip
     scores = window_scores(query, key_cache, block_table, seq_lens, **score_kwargs)
     if args.sweep:
         sweep_fused(query, key_cache, block_table, seq_lens, score_kwargs, scores, sweep)
@@ -334,6 +392,9 @@ def run_length(
             compaction,
             moved_bytes / bandwidth * 1e3,
         )
+        if args.tune:
+            tune_constants(tuning, f"compact_kv{suffix}", seq_len, compaction_module,
+                           COMPACT_TUNING, compaction, moved_bytes / bandwidth * 1e3)  # fmt: skip
     return checks
 
 
@@ -358,15 +419,19 @@ def main() -> None:
         "--sweep", action="store_true", help="also time the fused kernel's launch-shape grid"
     )
     parser.add_argument(
-        "--mass-blocks", type=int, nargs="*", default=[],
-        help="also time the attention_lse path at these mass-kernel key tiles",
+        "--tune", action="store_true",
+        help="also time the mass kernel (attention_lse path) and compaction over their"
+        " launch-constant grids",
     )  # fmt: skip
     args = parser.parse_args()
 
     bandwidth = copy_bandwidth()
     rows: list[dict] = []
     sweep: list[dict] = []
-    checks = [run_length(args, seq_len, bandwidth, rows, sweep) for seq_len in args.seq_lens]
+    tuning: list[dict] = []
+    checks = [
+        run_length(args, seq_len, bandwidth, rows, sweep, tuning) for seq_len in args.seq_lens
+    ]
     properties = torch.cuda.get_device_properties(0)
     results = {
         "device": torch.cuda.get_device_name(),
@@ -379,6 +444,7 @@ def main() -> None:
         "rows": rows,
         "checks": checks,
         "sweep": sweep,
+        "tuning": tuning,
     }
     print(
         f"{results['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write), "
@@ -396,7 +462,11 @@ def main() -> None:
         print(
             f"{row['op']:<34}{row['seq_len']:>8}{row['call_ms']:>10.3f}{row['device_ms']:>11.3f}{tail}"
         )
+        if len(row["kernels_ms"]) > 1:
+            for kernel, ms in row["kernels_ms"].items():
+                print(f"    {ms:.4f} ms  {kernel[:90]}")
     print_scoring_summary(rows, sweep)
+    print_tuning(tuning)
     for check in checks:
         print(
             "checks:",

@@ -253,6 +253,32 @@ def test_single_long_sequence_uses_many_key_splits(paged_kv, device, poison_empt
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("programs", [3, 24])
+def test_mass_kernel_walks_many_tiles_per_split(
+    programs, pooling, paged_kv, device, poison_empty, monkeypatch
+):
+    """The mass kernel's pipelined loop: 16-key tiles, so a 300-token prompt has 19 of
+    them; on CPU ``programs`` fixes the program count, giving one split per unit (a program
+    walks every tile) or three (a ragged last split), with sequences that end inside, at
+    the start of, or before a split."""
+    if device.type == "cuda":
+        pytest.skip("the program count is fixed only under the CPU interpreter")
+    monkeypatch.setattr(scoring, "_MASS_BLOCK_N", 16)
+    monkeypatch.setattr(scoring, "_PROGRAMS_WITHOUT_GPU", programs)
+    seq_lens = [300, 9, 77, 129, 5]
+    paged = paged_kv(seq_lens, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+                     seed=17)  # fmt: skip
+    torch.manual_seed(17)
+    query = random_query(len(seq_lens), 8, 4, 64, torch.float32, device)
+    args = (query, paged.key_cache, paged.block_table, paged.seq_lens)
+    kwargs = dict(scale=0.125, window=8, pooling=pooling)
+    ref = window_scores_ref(*args, **kwargs)
+    lse = window_lse_ref(*args, scale=0.125, window=8)
+    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
 def test_fused_many_items_and_merge_groups(pooling, paged_kv, device, poison_empty, monkeypatch):
     """Fused kernel with many items per unit (one tile each), merge groups of two items
     (so the log-sum-exp tree has both levels, with a ragged last group), the batch scanned

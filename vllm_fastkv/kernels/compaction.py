@@ -26,8 +26,9 @@ import triton.language as tl
 
 from vllm_fastkv.kernels.reference import check_compaction_starts
 
-# Kept entries per program.
+# Kept entries per program, and its warps.
 _BLOCK_R = 64
+_NUM_WARPS = 4
 _WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
@@ -184,5 +185,5 @@ def _run_phase(
         block_table.stride(0), *indices.stride(), counts.stride(0), starts_arg.stride(0),
         max_keep, key.shape[3],
         PAGE_SIZE=key.shape[1], D_PAD=stage.shape[-1], BLOCK_R=_BLOCK_R, STAGE=stage_phase,
-        HAS_STARTS=has_starts,
+        HAS_STARTS=has_starts, num_warps=_NUM_WARPS,
     )

@@ -76,6 +76,9 @@ _BLOCK_POOL = 256
 # per-head mass, 0.093 / 0.086 / 0.100 ms at 64 / 128 / 256 with the avg group sum
 # (docs/BENCHMARKS.md).
 _MASS_BLOCK_N = 128
+_MASS_PROGRAMS_PER_SM = 4
+_MASS_NUM_STAGES = 3
+_MASS_NUM_WARPS = 4
 # Two-pass step 1 aims for this many programs per SM (on a CPU, the interpreter: a fixed
 # count).
 _PROGRAMS_PER_SM = 4
@@ -240,14 +243,20 @@ def _window_mass_kernel(
     stride_qs, stride_qw, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_bt, stride_ls, stride_lw, stride_lh, stride_ms, stride_mh,
-    window, group, head_dim, qk_scale, lse_to_log2, width,
+    window, group, head_dim, qk_scale, lse_to_log2, width, tiles_per_split,
     PAGE_SIZE: tl.constexpr, G_PAD: tl.constexpr, W_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, SUM_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    """Two-pass step 2: ``mass[s, q, j] = sum_i softmax_row(q, i)[j]`` for the tile's
+    """Two-pass step 2: ``mass[s, q, j] = sum_i softmax_row(q, i)[j]`` for the split's
     tokens ``j < T - window`` (and ``< width``); other entries are left untouched. With
     ``SUM_GROUP`` (avg pooling, which commutes with the group sum) the group's rows are
     summed first and ``mass[s, h, j]`` is per KV head: a quarter of the bytes at GQA 4.
+
+    A program walks ``tiles_per_split`` key tiles in a software-pipelined loop (the next
+    tiles' keys load while this one computes) and loads the query group and normalisers
+    once: with one tile per program, short prompts spent a large share of the time
+    starting programs and waiting on each one's first load.
 
     ``lse[s, i, q] * lse_to_log2`` is row ``(q, i)``'s normaliser in log2 units.
     Before the window every window query sees every key, so no causal mask here."""
@@ -263,24 +272,29 @@ def _window_mass_kernel(
     lse_ptrs = (lse_ptr + s * stride_ls + (offs_m % W_PAD) * stride_lw
                 + (h * group + offs_m // W_PAD) * stride_lh)
     lse = tl.load(lse_ptrs, mask=row_valid, other=0.0) * lse_to_log2
-    tok = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tok_mask = tok < num_scored
-    logits = _key_tile_logits(q, key_cache_ptr, block_table_ptr + s.to(tl.int64) * stride_bt, h,
-                              tok, tok_mask, stride_kb, stride_ks, stride_kh, stride_kd,
-                              offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_PRECISION)
-    # logit <= lse in exact arithmetic; the clamp only keeps rows that saw no key
-    # (lse ~ -1e30, prompts shorter than the window) from overflowing.
-    probs = tl.where(row_valid[:, None], tl.exp2(tl.minimum(logits - lse[:, None], 0.0)), 0.0)
-    mass = tl.sum(tl.reshape(probs, [G_PAD, W_PAD, BLOCK_N]), axis=1)
-    if SUM_GROUP:
-        # Padded rows carry zero mass, so the plain column sum is the group sum.
-        tl.store(mass_ptr + s * stride_ms + h * stride_mh + tok, tl.sum(mass, axis=0),
-                 mask=tok_mask)  # fmt: skip
-    else:
-        offs_g = tl.arange(0, G_PAD)
-        ptrs = (mass_ptr + s * stride_ms + (h * group + offs_g)[:, None] * stride_mh
-                + tok[None, :])  # fmt: skip
-        tl.store(ptrs, mass, mask=(offs_g < group)[:, None] & tok_mask[None, :])
+    block_table_row_ptr = block_table_ptr + s.to(tl.int64) * stride_bt
+    first = tl.program_id(2) * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(num_scored, BLOCK_N))
+    for tile in tl.range(first, last, num_stages=NUM_STAGES):
+        tok = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        tok_mask = tok < num_scored
+        logits = _key_tile_logits(q, key_cache_ptr, block_table_row_ptr, h, tok, tok_mask,
+                                  stride_kb, stride_ks, stride_kh, stride_kd,
+                                  offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_PRECISION)
+        # logit <= lse in exact arithmetic; the clamp only keeps rows that saw no key
+        # (lse ~ -1e30, prompts shorter than the window) from overflowing.
+        probs = tl.where(row_valid[:, None], tl.exp2(tl.minimum(logits - lse[:, None], 0.0)),
+                         0.0)
+        mass = tl.sum(tl.reshape(probs, [G_PAD, W_PAD, BLOCK_N]), axis=1)
+        if SUM_GROUP:
+            # Padded rows carry zero mass, so the plain column sum is the group sum.
+            tl.store(mass_ptr + s * stride_ms + h * stride_mh + tok, tl.sum(mass, axis=0),
+                     mask=tok_mask)  # fmt: skip
+        else:
+            offs_g = tl.arange(0, G_PAD)
+            ptrs = (mass_ptr + s * stride_ms + (h * group + offs_g)[:, None] * stride_mh
+                    + tok[None, :])  # fmt: skip
+            tl.store(ptrs, mass, mask=(offs_g < group)[:, None] & tok_mask[None, :])
 
 
 @triton.jit
@@ -600,6 +614,17 @@ def _num_programs(per_sm: int, device: torch.device) -> int:
     return _PROGRAMS_WITHOUT_GPU
 
 
+def _key_splits(num_tiles: int, units: int, per_sm: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, tiles_per_split)`` cutting each (sequence, KV head) unit's ``num_tiles``
+    key tiles into contiguous ranges, so that all units together give about ``per_sm``
+    programs per SM (one long sequence has only ``num_kv_heads`` units) and no range of
+    the longest unit is empty."""
+    target = _num_programs(per_sm, device)
+    splits = max(1, min(num_tiles, triton.cdiv(target, units)))
+    tiles_per_split = triton.cdiv(num_tiles, splits)
+    return triton.cdiv(num_tiles, tiles_per_split), tiles_per_split
+
+
 def _fused_tile(pool_kernel: int) -> int | None:
     """Pass-2 tile of the fused kernel: at least ``_BLOCK_N`` keys with the pooling halo at
     most a quarter of it; ``None`` if the halo is too wide for one tile in registers."""
@@ -764,11 +789,16 @@ def _two_pass_scores(
     pooled_group = 1 if pooling == "avg" else group
     mass = torch.empty(num_seqs, num_kv_heads * pooled_group, width, dtype=torch.float32,
                        device=query.device)  # fmt: skip
-    _window_mass_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _MASS_BLOCK_N))](
+    splits, tiles_per_split = _key_splits(triton.cdiv(width, _MASS_BLOCK_N),
+                                          num_seqs * num_kv_heads, _MASS_PROGRAMS_PER_SM,
+                                          query.device)  # fmt: skip
+    _window_mass_kernel[(num_seqs, num_kv_heads, splits)](
         query, key_cache, block_table, seq_lens, lse, mass,
         stride_ls=lse.stride(0), stride_lw=lse.stride(1), stride_lh=lse.stride(2),
         stride_ms=mass.stride(0), stride_mh=mass.stride(1), lse_to_log2=lse_to_log2,
-        width=width, G_PAD=g_pad, BLOCK_N=_MASS_BLOCK_N, SUM_GROUP=pooling == "avg", **common,
+        width=width, tiles_per_split=tiles_per_split, G_PAD=g_pad, BLOCK_N=_MASS_BLOCK_N,
+        SUM_GROUP=pooling == "avg", NUM_STAGES=_MASS_NUM_STAGES,
+        **(common | dict(num_warps=_MASS_NUM_WARPS)),
     )  # fmt: skip
     _pool_group_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_POOL))](
         mass, seq_lens, out,
@@ -793,12 +823,9 @@ def _key_pass_lse(
     num_seqs, window, num_q_heads, _ = query.shape
     num_kv_heads = key_cache.shape[2]
     rows = g_pad * common["W_PAD"]
-    num_tiles = triton.cdiv(width + window, _BLOCK_N)
-    # Key splits: enough programs to fill the GPU, never an empty tile range.
-    target = _num_programs(_PROGRAMS_PER_SM, query.device)
-    splits = max(1, min(num_tiles, triton.cdiv(target, num_seqs * num_kv_heads)))
-    tiles_per_split = triton.cdiv(num_tiles, splits)
-    splits = triton.cdiv(num_tiles, tiles_per_split)
+    splits, tiles_per_split = _key_splits(triton.cdiv(width + window, _BLOCK_N),
+                                          num_seqs * num_kv_heads, _PROGRAMS_PER_SM,
+                                          query.device)  # fmt: skip
     partial = torch.empty(num_seqs, num_kv_heads, splits, rows, dtype=torch.float32,
                           device=query.device)
     _lse_partial_kernel[(num_seqs, num_kv_heads, splits)](
