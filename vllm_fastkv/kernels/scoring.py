@@ -70,14 +70,16 @@ _BLOCK_N = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 _BLOCK_POOL = 256
-# Key tokens per program of the two-pass mass kernel (its own constant: with the
-# normalisers given it is the only key pass). On an H200 at 128K tokens, Llama-3.1-8B
-# heads, normalisers given: 0.122 / 0.105 / 0.095 / 0.109 ms at 32 / 64 / 128 / 256 with
-# per-head mass, 0.093 / 0.086 / 0.100 ms at 64 / 128 / 256 with the avg group sum
+# The two-pass mass kernel's key tile, programs per SM (each walks a contiguous range of
+# tiles), pipeline stages and warps: its own constants, since with the normalisers given
+# it is the only key pass. Fastest of 64/128 x 2/4/8 x 2-4 stages x 4/8 warps on an H200
+# (Llama-3.1-8B heads, normalisers given, avg pooling, with the pooling launch):
+# 0.0248 / 0.0800 ms at 32K / 128K tokens, 1.57x / 1.26x the read-once floor; 128 x 4 x 2
+# came second (0.0257 / 0.0807), one 128-key tile per program before 0.026 / 0.086
 # (docs/BENCHMARKS.md).
-_MASS_BLOCK_N = 128
-_MASS_PROGRAMS_PER_SM = 4
-_MASS_NUM_STAGES = 3
+_MASS_BLOCK_N = 64
+_MASS_PROGRAMS_PER_SM = 8
+_MASS_NUM_STAGES = 2
 _MASS_NUM_WARPS = 4
 # Two-pass step 1 aims for this many programs per SM (on a CPU, the interpreter: a fixed
 # count).
