@@ -253,18 +253,20 @@ def test_single_long_sequence_uses_many_key_splits(paged_kv, device, poison_empt
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
-@pytest.mark.parametrize("programs", [3, 24])
+@pytest.mark.parametrize(("programs", "max_tiles"), [(3, 64), (24, 64), (3, 4)])
 def test_mass_kernel_walks_many_tiles_per_split(
-    programs, pooling, paged_kv, device, poison_empty, monkeypatch
+    programs, max_tiles, pooling, paged_kv, device, poison_empty, monkeypatch
 ):
     """The mass kernel's pipelined loop: 16-key tiles, so a 300-token prompt has 19 of
     them; on CPU ``programs`` fixes the program count, giving one split per unit (a program
-    walks every tile) or three (a ragged last split), with sequences that end inside, at
-    the start of, or before a split."""
+    walks every tile) or three (a ragged last split), and a cap of 4 tiles a program five
+    (more than the program count asks for), with sequences that end inside, at the start
+    of, or before a split (programs that load nothing)."""
     if device.type == "cuda":
         pytest.skip("the program count is fixed only under the CPU interpreter")
     monkeypatch.setattr(scoring, "_MASS_BLOCK_N", 16)
     monkeypatch.setattr(scoring, "_PROGRAMS_WITHOUT_GPU", programs)
+    monkeypatch.setattr(scoring, "_MASS_MAX_TILES_PER_SPLIT", max_tiles)
     seq_lens = [300, 9, 77, 129, 5]
     paged = paged_kv(seq_lens, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
                      seed=17)  # fmt: skip
