@@ -41,7 +41,11 @@ import triton.testing
 from bench_kernels import copy_bandwidth  # the same floor as the other kernel benchmarks
 
 from vllm_fastkv.kernels import pack_kv, packed_decode_attention, packed_decode_attention_ref
-from vllm_fastkv.kernels.packed_attention import DEFAULT_NUM_STAGES, decode_splits
+from vllm_fastkv.kernels.packed_attention import (
+    DEFAULT_NUM_STAGES,
+    MAX_REGISTERS,
+    decode_splits,
+)
 from vllm_fastkv.packed_layout import LowBitLayout
 
 
@@ -112,6 +116,8 @@ def main() -> None:
     parser.add_argument("--tile-blocks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--num-stages", type=int, nargs="+", default=[DEFAULT_NUM_STAGES])
+    parser.add_argument("--max-registers", type=int, nargs="+", default=[MAX_REGISTERS],
+                        help="register caps a thread of the kernel may use")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rounds", type=int, default=5,
                         help="timings of every configuration, interleaved; the median is kept")
@@ -131,7 +137,9 @@ def main() -> None:
         with open(args.ncu_table) as f:
             for row in ncu_rows(f.read(), launches):
                 config = " ".join(f"{key}={row[key]}" for key in
-                                  ("bits", "tile_blocks", "num_warps", "num_stages", "splits"))
+                                  ("bits", "tile_blocks", "num_warps", "num_stages", "splits",
+                                   "max_registers")
+                                  if key in row)  # records of runs before the register cap
                 print(config, " ".join(f"{name}={value:g}" if isinstance(value, float)
                                        else f"{name}={value}"
                                        for name, value in row["ncu"].items()))  # fmt: skip
@@ -146,25 +154,28 @@ def main() -> None:
                                           layout=layout).float()  # fmt: skip
         floor_ms = floor_bytes / bandwidth * 1e3
         configs = itertools.product(args.tile_blocks, args.num_warps, args.num_stages,
-                                    sorted({*args.splits, default}))  # fmt: skip
-        for tile_blocks, warps, stages, splits in configs:
+                                    sorted({*args.splits, default}), args.max_registers)
+        for tile_blocks, warps, stages, splits, registers in configs:
             if tile_blocks > layout.blocks_per_page:
                 continue  # the same tile as a whole page, masked wider
             out = torch.full_like(inputs[0], float("nan"))
             call = functools.partial(packed_decode_attention, *inputs, out, scale=scale,
                                      layout=layout, splits=splits, tile_blocks=tile_blocks,
-                                     num_warps=warps, num_stages=stages)  # fmt: skip
+                                     num_warps=warps, num_stages=stages,
+                                     max_registers=registers)  # fmt: skip
             call()  # compiles, and fills ``out`` for the error check
             err = ((out.float() - ref).norm() / ref.norm()).item()
             cases.append((call, {"bits": bits, "splits": splits, "tile_blocks": tile_blocks,
                                  "num_warps": warps, "num_stages": stages,
+                                 "max_registers": registers,
                                  "default_splits": splits == default, "pages_per_row": pages,
                                  "floor_ms": floor_ms, "rel_error": err, "ms_rounds": []}))
     if args.ncu:
         for call, row in cases:
             call()
             print(f"launch {row['bits']}-bit tile_blocks={row['tile_blocks']} "
-                  f"warps={row['num_warps']} stages={row['num_stages']} splits={row['splits']}")
+                  f"warps={row['num_warps']} stages={row['num_stages']} splits={row['splits']} "
+                  f"registers={row['max_registers']}")
         torch.cuda.synchronize()
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "config": vars(args),
@@ -181,7 +192,8 @@ def main() -> None:
         ms = statistics.median(row["ms_rounds"])
         rows.append({**row, "ms": ms, "x_floor": ms / row["floor_ms"]})
         print(f"{row['bits']}-bit tile_blocks={row['tile_blocks']} warps={row['num_warps']} "
-              f"stages={row['num_stages']} splits={row['splits']:>2}"
+              f"stages={row['num_stages']} splits={row['splits']:>2} "
+              f"regs={row['max_registers']:>3}"
               f"{'*' if row['default_splits'] else ' '} {ms * 1e3:8.1f} us "
               f"({min(row['ms_rounds']) * 1e3:.1f}-{max(row['ms_rounds']) * 1e3:.1f})  "
               f"floor {row['floor_ms'] * 1e3:6.1f} us  x{ms / row['floor_ms']:6.2f}  "

@@ -248,8 +248,9 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stage
 
 
 # Compiles both kernels for an H100 (sm_90) with Triton's bundled ptxas, no GPU needed, at
-# Llama-3.1-8B head shapes with a bf16 cache (the CPU tests run fp32 dots in the
-# interpreter; this checks that the GPU's bf16 variants build).
+# Llama-3.1-8B head shapes with a bf16 or fp16 cache (the CPU tests run fp32 dots in the
+# interpreter; this checks that the GPU's 16-bit variants build, and that they dequantise
+# two codes at a time with the inline PTX, which the interpreter cannot run).
 COMPILE_FOR_SM90 = """
 import sys
 import torch
@@ -261,25 +262,28 @@ from vllm_fastkv.kernels import packed_attention, quantization
 from vllm_fastkv.packed_layout import LowBitLayout
 
 bits = int(sys.argv[1])
-layout = LowBitLayout.for_cache(torch.empty(1, 16, 8, 128, dtype=torch.bfloat16), bits, 32)
+cache = f"*{sys.argv[3]}"  # the cache's pointer type
+dtype = {"*bf16": torch.bfloat16, "*fp16": torch.float16}[cache]
+layout = LowBitLayout.for_cache(torch.empty(1, 16, 8, 128, dtype=dtype), bits, 32)
 ks, km, vs, vm = layout.scale_offsets()
 shape = dict(BITS=bits, BLOCK=16, DIM=128, NUM_HEADS=8, HEAD_WORDS=layout.head_bytes // 4,
              VALUE_CODES=layout.value_codes_offset, KEY_SCALE=ks, KEY_MIN=km,
              VALUE_SCALE=vs, VALUE_MIN=vm)
 tile_blocks = int(sys.argv[2])
 kernels = [
-    (quantization._pack_kernel, dict(key_ptr="*bf16", value_ptr="*bf16", src_ptr="*i32",
+    (quantization._pack_kernel, dict(key_ptr=cache, value_ptr=cache, src_ptr="*i32",
      stage_words_ptr="*i32", stage_halves_ptr="*fp16", count_ptr="*i32"),
      dict(shape, GROUP=32, HAS_COUNT=True), {}),
     (quantization._copy_pages_kernel, dict(words_ptr="*i32", stage_ptr="*i32",
      src_ptr="*i32", count_ptr="*i32"), dict(BLOCK=1024, HAS_COUNT=True), {}),
-    (packed_attention._packed_decode_kernel, dict(query_ptr="*bf16", key_ptr="*bf16",
-     value_ptr="*bf16", words_ptr="*i32", halves_ptr="*fp16", block_table_ptr="*i32",
+    (packed_attention._packed_decode_kernel, dict(query_ptr=cache, key_ptr=cache,
+     value_ptr=cache, words_ptr="*i32", halves_ptr="*fp16", block_table_ptr="*i32",
      qsl_ptr="*i32", seq_lens_ptr="*i32", packed_ptr="*i32", part_max_ptr="*fp32",
-     part_sum_ptr="*fp32", part_acc_ptr="*fp32", arrivals_ptr="*i32", out_ptr="*bf16"),
+     part_sum_ptr="*fp32", part_acc_ptr="*fp32", arrivals_ptr="*i32", out_ptr=cache),
      dict(shape, VGROUP=32, R=layout.blocks_per_page, G_PAD=16, TILE_BLOCKS=tile_blocks,
           TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
-          DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", MERGE_G_PAD=4, SPLITS_PAD=16),
+          DOT_DTYPE={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype],
+          DOT_PRECISION="tf32", MERGE_G_PAD=4, SPLITS_PAD=16),
      dict(maxnreg=packed_attention.MAX_REGISTERS)),  # as packed_decode_attention launches it
 ]
 for kernel, pointers, constexprs, launch_options in kernels:
@@ -291,15 +295,21 @@ for kernel, pointers, constexprs, launch_options in kernels:
                               target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=4, num_stages=2, **launch_options))
     assert compiled.asm["cubin"]
+    if kernel is packed_attention._packed_decode_kernel:
+        # A tile's K and V codes (2 x 128 channels x 16 tokens a block) over 128 threads,
+        # two codes per multiply-add.
+        pairs = compiled.asm["ptx"].count(f"fma.rn.{sys.argv[3].replace('fp', 'f')}x2")
+        assert pairs == 16 * tile_blocks, pairs
     print(kernel.fn.__name__, "ok")
 """
 
 
-@pytest.mark.parametrize(("bits", "tile_blocks"), [(2, 1), (2, 4), (4, 2)])
-def test_kernels_compile_for_sm90(bits, tile_blocks):
+@pytest.mark.parametrize(("bits", "tile_blocks", "dtype"),
+                         [(2, 1, "bf16"), (2, 4, "bf16"), (4, 2, "bf16"), (2, 4, "fp16")])
+def test_kernels_compile_for_sm90(bits, tile_blocks, dtype):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_SM90, str(bits), str(tile_blocks)],
+        [sys.executable, "-c", COMPILE_FOR_SM90, str(bits), str(tile_blocks), dtype],
         env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

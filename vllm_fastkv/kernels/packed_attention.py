@@ -82,44 +82,71 @@ def _attend(q, k_t, v, m_i, l_i, acc, valid, DOT_PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
+def _pair_asm(bits: int, dtype: str, magic: int) -> tl.constexpr:
+    """PTX turning the low code of each 16-bit half of a shifted word into a 16-bit float
+    pair, scaled: ``(w & mask) | magic`` is the float ``magic_value + code`` in each half
+    (``magic`` has a unit last mantissa bit), minus ``magic_value`` is the code exactly,
+    then one fused multiply-add per pair with the word's scale and minimum (packed)."""
+    mask = (1 << bits) - 1
+    return tl.constexpr(
+        "{ .reg .b32 t, c; "
+        f"lop3.b32 t, $1, {mask | mask << 16}, {magic | magic << 16}, 0xea; "
+        f"mov.b32 c, {magic | magic << 16}; "
+        f"sub.rn.{dtype}x2 t, t, c; "
+        f"fma.rn.{dtype}x2 $0, t, $3, $4; }}"
+    )
+
+
+# 0x4300 is bf16 128.0 and 0x6400 fp16 1024.0: numbers whose last mantissa bit is 1.
+_PAIR_BF16_2 = _pair_asm(2, "bf16", 0x4300)
+_PAIR_BF16_4 = _pair_asm(4, "bf16", 0x4300)
+_PAIR_FP16_2 = _pair_asm(2, "f16", 0x6400)
+_PAIR_FP16_4 = _pair_asm(4, "f16", 0x6400)
+
+
 @triton.jit
-def _dequantize(words, scale, minimum, BITS: tl.constexpr):
-    """fp32 values of int32 words ``[A, W]`` of codes: ``[A, W * (32 / BITS)]`` in word
-    order, each code times its word's ``scale`` plus its ``minimum`` (``[A, W]``).
+def _dequantize(words, scale, minimum, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Values of int32 words ``[A, W]`` of codes: ``[A, W * (32 / BITS)]`` in word
+    order, each code times its word's ``scale`` plus its ``minimum`` (``[A, W]``), in
+    ``DOT_DTYPE`` (16-bit floats on GPUs, fp32 under the interpreter).
 
     All codes of a word share one scale (a key word's tokens lie in one block, a value
     word's channels in one group), so each code is dequantised in the words' own layout
     and the codes of a word are joined along a new axis held by the same thread: no
     broadcast of scales and no word replicated across threads.
     """
-    values = _word_codes(words, scale, minimum, BITS)
+    values = _word_codes(words, scale, minimum, BITS, DOT_DTYPE)
     return tl.reshape(values, [words.shape[0], words.shape[1] * values.shape[2]])
 
 
 @triton.jit
-def _dequantize_rows(words, scale, minimum, BITS: tl.constexpr):
+def _dequantize_rows(words, scale, minimum, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """:func:`_dequantize` with each word's codes along the first axis: words ``[A, W]``
     give ``[A * (32 / BITS), W]``, row ``a * (32 / BITS) + i`` holding code ``i`` of the
     words of row ``a``."""
-    values = tl.permute(_word_codes(words, scale, minimum, BITS), (0, 2, 1))
+    values = tl.permute(_word_codes(words, scale, minimum, BITS, DOT_DTYPE), (0, 2, 1))
     return tl.reshape(values, [words.shape[0] * values.shape[1], words.shape[1]])
 
 
 @triton.jit
-def _word_codes(words, scale, minimum, BITS: tl.constexpr):
+def _word_codes(words, scale, minimum, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The dequantised codes of int32 words ``[A, W]``: ``[A, W, 32 / BITS]``."""
     PER_WORD: tl.constexpr = 32 // BITS
     bits = words.to(tl.uint32, bitcast=True)
-    values = _dequantized_codes(bits, scale, minimum, 0, 1, PER_WORD, BITS)
+    if DOT_DTYPE == tl.float32:
+        values = _dequantized_codes(bits, scale, minimum, 0, 1, PER_WORD, BITS)
+    else:
+        values = _dequantized_pairs(bits, scale.to(DOT_DTYPE), minimum.to(DOT_DTYPE), 0, 1,
+                                    PER_WORD, BITS, DOT_DTYPE)
     return tl.reshape(values, [words.shape[0], words.shape[1], PER_WORD])
 
 
 @triton.jit
 def _dequantized_codes(bits, scale, minimum, first: tl.constexpr, stride: tl.constexpr,
                        count: tl.constexpr, BITS: tl.constexpr):
-    """Codes ``first, first + stride, ...`` (``count`` of them) of every word, dequantised,
-    on trailing axes that flatten in that order: the even-indexed half joined with the
-    odd-indexed half, recursively."""
+    """Codes ``first, first + stride, ...`` (``count`` of them) of every word, dequantised
+    in fp32, on trailing axes that flatten in that order: the even-indexed half joined
+    with the odd-indexed half, recursively."""
     if count == 1:
         code = (bits >> (first * BITS)) & ((1 << BITS) - 1)
         return code.to(tl.float32) * scale + minimum
@@ -127,6 +154,40 @@ def _dequantized_codes(bits, scale, minimum, first: tl.constexpr, stride: tl.con
         even = _dequantized_codes(bits, scale, minimum, first, 2 * stride, count // 2, BITS)
         odd = _dequantized_codes(bits, scale, minimum, first + stride, 2 * stride,
                                  count // 2, BITS)
+        return tl.join(even, odd)
+
+
+@triton.jit
+def _dequantized_pairs(bits, scale, minimum, first: tl.constexpr, stride: tl.constexpr,
+                       count: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """:func:`_dequantized_codes` in 16-bit floats, two codes per instruction: the
+    recursion ends at pairs ``(first, first + stride)`` with ``stride * BITS == 16``, the
+    codes in the two 16-bit halves of the word shifted right by ``first * BITS``, which
+    one inline-PTX block turns into a scaled 16-bit float pair (``_pair_asm``): about 2
+    instructions a code against 4.5 for shift, mask, convert, fp32 multiply-add and
+    packing one by one."""
+    if count == 2:
+        shifted = bits >> (first * BITS)
+        if DOT_DTYPE == tl.bfloat16:
+            if BITS == 2:
+                asm: tl.constexpr = _PAIR_BF16_2
+            else:
+                asm: tl.constexpr = _PAIR_BF16_4
+        else:
+            if BITS == 2:
+                asm: tl.constexpr = _PAIR_FP16_2
+            else:
+                asm: tl.constexpr = _PAIR_FP16_4
+        return tl.inline_asm_elementwise(
+            asm, "=r,r,r,r,r", [tl.join(shifted, shifted), tl.join(scale, scale),
+                                tl.join(minimum, minimum)],
+            dtype=scale.dtype, is_pure=True, pack=2,
+        )  # fmt: skip
+    else:
+        even = _dequantized_pairs(bits, scale, minimum, first, 2 * stride, count // 2, BITS,
+                                  DOT_DTYPE)
+        odd = _dequantized_pairs(bits, scale, minimum, first + stride, 2 * stride,
+                                 count // 2, BITS, DOT_DTYPE)
         return tl.join(even, odd)
 
 
@@ -220,7 +281,7 @@ def _packed_decode_kernel(
                         + dim[:, None])
             k_scale = tl.load(k_halves + KEY_SCALE, mask=word_valid, other=0.0).to(tl.float32)
             k_min = tl.load(k_halves + KEY_MIN, mask=word_valid, other=0.0).to(tl.float32)
-            k_t = _dequantize(k_words, k_scale, k_min, BITS)
+            k_t = _dequantize(k_words, k_scale, k_min, BITS, DOT_DTYPE)
             # Values [TILE, DIM]: word w of a token holds channels of group
             # w * PER_WORD // VGROUP. Dequantised as [DIM, TILE] and transposed, which
             # leaves each thread consecutive channels of a token as the dot's shared-memory
@@ -236,7 +297,7 @@ def _packed_decode_kernel(
                               other=0.0).to(tl.float32)
             v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[None, :],
                             other=0.0).to(tl.float32)
-            v = tl.trans(_dequantize_rows(v_words, v_scale, v_min, BITS))
+            v = tl.trans(_dequantize_rows(v_words, v_scale, v_min, BITS, DOT_DTYPE))
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
                                     row_valid, DOT_PRECISION)
         # Full-precision blocks after the packed pages, the same split's share of them,
@@ -361,6 +422,7 @@ def packed_decode_attention(
     tile_blocks: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    max_registers: int | None = None,
     arrivals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of the rows this kernel attends, written into ``output``.
@@ -385,6 +447,8 @@ def packed_decode_attention(
             Fewer mean more iterations of less work each.
         num_warps: warps of a program (default ``DEFAULT_NUM_WARPS``).
         num_stages: pipeline stages of the tile loop (default ``DEFAULT_NUM_STAGES``).
+        max_registers: registers a thread may use (default ``MAX_REGISTERS``); fewer let
+            more programs share a multiprocessor, at the price of spills.
         arrivals: int32 ``[>= rows * num_kv_heads]``, all zero, and left all zero: the
             splits' arrival counts (a persistent buffer for the serving path, see
             :class:`~vllm_fastkv.kv_quantization.PackedRows`; default a fresh one, at the
@@ -438,6 +502,6 @@ def packed_decode_attention(
         MERGE_G_PAD=triton.next_power_of_2(group),
         SPLITS_PAD=triton.next_power_of_2(max(splits, MAX_SPLITS)),
         num_warps=num_warps or DEFAULT_NUM_WARPS,
-        num_stages=num_stages or DEFAULT_NUM_STAGES, maxnreg=MAX_REGISTERS,
+        num_stages=num_stages or DEFAULT_NUM_STAGES, maxnreg=max_registers or MAX_REGISTERS,
     )  # fmt: skip
     return output
