@@ -81,8 +81,10 @@ def packed_batch(args: argparse.Namespace, bits: int):
 
 def ncu_rows(csv_text: str, launches: list[dict]) -> list[dict]:
     """Nsight Compute's ``--csv`` output (one metric a line; other lines ignored) joined
-    to ``launches``, the configurations in launch order, each launched twice: the second
-    launch is the one whose metrics count (the first compiled it)."""
+    to ``launches``, the configurations in launch order. A ``--ncu`` run launches every
+    configuration once to compile it (and check its error) and then, in a second loop,
+    once more in the same order: the second half of the profiled launches is the one
+    whose metrics count."""
     lines = [line for line in csv_text.splitlines() if line.startswith('"')]
     metrics: dict[int, dict[str, float | str]] = defaultdict(dict)
     for record in csv.DictReader(lines):
@@ -95,7 +97,8 @@ def ncu_rows(csv_text: str, launches: list[dict]) -> list[dict]:
     if len(ids) != 2 * len(launches):
         raise ValueError(f"{len(ids)} profiled launches for {len(launches)} configurations "
                          "launched twice each")  # fmt: skip
-    return [{**config, "ncu": metrics[ids[2 * i + 1]]} for i, config in enumerate(launches)]
+    profiled = ids[len(launches):]
+    return [{**config, "ncu": metrics[profiled[i]]} for i, config in enumerate(launches)]
 
 
 def main() -> None:

@@ -32,10 +32,11 @@ def _ncu_csv(values: list[tuple[int, str, str]]) -> str:
 def test_ncu_rows_take_the_second_launch_of_each_configuration(tmp_path):
     launches = [{"bits": 2, "tile_blocks": 4, "num_warps": 4, "num_stages": 1, "splits": 8},
                 {"bits": 4, "tile_blocks": 2, "num_warps": 4, "num_stages": 1, "splits": 5}]
-    # Launches 0 and 2 compiled; 1 and 3 are the ones to report.
+    # A --ncu run compiles every configuration first (launches 0 and 1), then launches
+    # them again in the same order (2 and 3): those are the ones to report.
     cycles, registers = "sm__cycles_elapsed.max", "launch__registers_per_thread"
-    text = _ncu_csv([(0, cycles, "999,999"), (1, cycles, "117,113"), (1, registers, "128"),
-                     (2, cycles, "1"), (3, cycles, "156,636"), (3, registers, "n/a")])
+    text = _ncu_csv([(0, cycles, "999,999"), (1, cycles, "1"), (2, cycles, "117,113"),
+                     (2, registers, "128"), (3, cycles, "156,636"), (3, registers, "n/a")])
     rows = ncu_rows(text, launches)
     assert [row["ncu"][cycles] for row in rows] == [117113.0, 156636.0]
     assert rows[0]["ncu"][registers] == 128.0
