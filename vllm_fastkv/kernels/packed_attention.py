@@ -7,7 +7,9 @@ blocks. :func:`packed_decode_attention` computes such a row's decode attention i
 online-softmax pass over both parts: packed codes are dequantised in registers (a
 full-precision copy never exists in memory), full-precision blocks are read as they
 are. It reads a packed token's ``2 x head_dim x bits / 8`` bytes plus its share of the
-scales instead of ``2 x head_dim x 2``. A row with ``n = 0`` is attended over its
+scales instead of ``2 x head_dim x 2``. On GPUs the codes become the dots' 16-bit operands
+two at a time (one inline-PTX block a pair, :func:`_dequantized_pairs`); the interpreter
+dequantises in fp32. A row with ``n = 0`` is attended over its
 full-precision blocks alone, so a batch of decode rows needs no other attention; rows
 marked ``n = -1`` are skipped (left to vLLM's attention), so the grid depends only on the
 batch size: CUDA graphs capture it once.
@@ -54,13 +56,15 @@ DEFAULT_TILE_BLOCKS = 4
 #: stage at both widths (2-bit whole pages at 8 splits: 117K cycles, the best cell
 #: measured; 2 warps, 136K at 5 splits against 143K at 4 warps, were not measured at 8;
 #: 4-bit 2-block tiles: 157K against 173K at 2 warps); 8 warps and 3 stages were slower
-#: in every timed sweep.
+#: in every timed sweep, and 2 stages with the 16-bit pairs (docs/BENCHMARKS.md, "eighth
+#: run").
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 1
 #: Registers a thread of the decode kernel may use, whatever the warp count: sized for the
 #: default 4 warps, four programs an SM (sm_90, 64K registers). With the split merge inside
 #: the kernel ptxas otherwise takes 167 at 2 bits (three programs an SM) where 128 fit
-#: without spilling (8-warp programs took 79-112 before the merge moved in).
+#: without spilling (8-warp programs took 79-112 before the merge moved in). With the
+#: 16-bit pairs a cap of 96 (five programs an SM) was slower at every tile size.
 MAX_REGISTERS = 128
 #: Most splits :func:`splits_for` chooses; the merge is compiled for this many (more when
 #: asked for explicitly), so every batch size shares one variant.
