@@ -8,7 +8,7 @@ online-softmax pass over both parts: packed codes are dequantised in registers (
 full-precision copy never exists in memory), full-precision blocks are read as they
 are. It reads a packed token's ``2 x head_dim x bits / 8`` bytes plus its share of the
 scales instead of ``2 x head_dim x 2``. On GPUs the codes become the dots' 16-bit operands
-two at a time (one inline-PTX block a pair, :func:`_dequantized_pairs`); the interpreter
+two at a time (one inline-PTX block a pair, :func:`_code_pair`); the interpreter
 dequantises in fp32. A row with ``n = 0`` is attended over its
 full-precision blocks alone, so a batch of decode rows needs no other attention; rows
 marked ``n = -1`` are skipped (left to vLLM's attention), so the grid depends only on the
@@ -137,62 +137,56 @@ def _word_codes(words, scale, minimum, BITS: tl.constexpr, DOT_DTYPE: tl.constex
     """The dequantised codes of int32 words ``[A, W]``: ``[A, W, 32 / BITS]``."""
     PER_WORD: tl.constexpr = 32 // BITS
     bits = words.to(tl.uint32, bitcast=True)
-    if DOT_DTYPE == tl.float32:
-        values = _dequantized_codes(bits, scale, minimum, 0, 1, PER_WORD, BITS)
-    else:
-        values = _dequantized_pairs(bits, scale.to(DOT_DTYPE), minimum.to(DOT_DTYPE), 0, 1,
-                                    PER_WORD, BITS, DOT_DTYPE)
+    values = _dequantized_codes(bits, scale.to(DOT_DTYPE), minimum.to(DOT_DTYPE), 0, 1,
+                                PER_WORD, BITS, DOT_DTYPE)
     return tl.reshape(values, [words.shape[0], words.shape[1], PER_WORD])
 
 
 @triton.jit
 def _dequantized_codes(bits, scale, minimum, first: tl.constexpr, stride: tl.constexpr,
-                       count: tl.constexpr, BITS: tl.constexpr):
+                       count: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Codes ``first, first + stride, ...`` (``count`` of them) of every word, dequantised
-    in fp32, on trailing axes that flatten in that order: the even-indexed half joined
-    with the odd-indexed half, recursively."""
-    if count == 1:
-        code = (bits >> (first * BITS)) & ((1 << BITS) - 1)
-        return code.to(tl.float32) * scale + minimum
+    in ``DOT_DTYPE``, on trailing axes that flatten in that order: the even-indexed half
+    joined with the odd-indexed half, recursively. In fp32 the recursion ends at single
+    codes; in 16-bit floats at pairs ``(first, first + stride)``, whose codes lie 16 bits
+    apart (``stride * BITS == 16``), dequantised by one instruction each step
+    (:func:`_code_pair`)."""
+    LAST: tl.constexpr = 1 if DOT_DTYPE == tl.float32 else 2
+    if count == LAST:
+        if LAST == 1:
+            code = (bits >> (first * BITS)) & ((1 << BITS) - 1)
+            return code.to(tl.float32) * scale + minimum
+        else:
+            return _code_pair(bits >> (first * BITS), scale, minimum, BITS, DOT_DTYPE)
     else:
-        even = _dequantized_codes(bits, scale, minimum, first, 2 * stride, count // 2, BITS)
+        even = _dequantized_codes(bits, scale, minimum, first, 2 * stride, count // 2, BITS,
+                                  DOT_DTYPE)
         odd = _dequantized_codes(bits, scale, minimum, first + stride, 2 * stride,
-                                 count // 2, BITS)
+                                 count // 2, BITS, DOT_DTYPE)
         return tl.join(even, odd)
 
 
 @triton.jit
-def _dequantized_pairs(bits, scale, minimum, first: tl.constexpr, stride: tl.constexpr,
-                       count: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """:func:`_dequantized_codes` in 16-bit floats, two codes per instruction: the
-    recursion ends at pairs ``(first, first + stride)`` with ``stride * BITS == 16``, the
-    codes in the two 16-bit halves of the word shifted right by ``first * BITS``, which
-    one inline-PTX block turns into a scaled 16-bit float pair (``_pair_asm``): about 2
-    instructions a code against 4.5 for shift, mask, convert, fp32 multiply-add and
-    packing one by one."""
-    if count == 2:
-        shifted = bits >> (first * BITS)
-        if DOT_DTYPE == tl.bfloat16:
-            if BITS == 2:
-                asm: tl.constexpr = _PAIR_BF16_2
-            else:
-                asm: tl.constexpr = _PAIR_BF16_4
+def _code_pair(shifted, scale, minimum, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The codes in the low bits of each 16-bit half of ``shifted`` as a scaled 16-bit
+    float pair ``[..., 2]`` (low half first): one inline-PTX block (:func:`_pair_asm`),
+    about 2 instructions a code against 4.5 for shift, mask, convert, fp32 multiply-add
+    and packing one by one."""
+    if DOT_DTYPE == tl.bfloat16:
+        if BITS == 2:
+            asm: tl.constexpr = _PAIR_BF16_2
         else:
-            if BITS == 2:
-                asm: tl.constexpr = _PAIR_FP16_2
-            else:
-                asm: tl.constexpr = _PAIR_FP16_4
-        return tl.inline_asm_elementwise(
-            asm, "=r,r,r,r,r", [tl.join(shifted, shifted), tl.join(scale, scale),
-                                tl.join(minimum, minimum)],
-            dtype=scale.dtype, is_pure=True, pack=2,
-        )  # fmt: skip
+            asm: tl.constexpr = _PAIR_BF16_4
     else:
-        even = _dequantized_pairs(bits, scale, minimum, first, 2 * stride, count // 2, BITS,
-                                  DOT_DTYPE)
-        odd = _dequantized_pairs(bits, scale, minimum, first + stride, 2 * stride,
-                                 count // 2, BITS, DOT_DTYPE)
-        return tl.join(even, odd)
+        if BITS == 2:
+            asm: tl.constexpr = _PAIR_FP16_2
+        else:
+            asm: tl.constexpr = _PAIR_FP16_4
+    return tl.inline_asm_elementwise(
+        asm, "=r,r,r,r,r", [tl.join(shifted, shifted), tl.join(scale, scale),
+                            tl.join(minimum, minimum)],
+        dtype=scale.dtype, is_pure=True, pack=2,
+    )  # fmt: skip
 
 
 @triton.jit
