@@ -101,7 +101,10 @@ def _pair_asm(bits: int, dtype: str, magic: int) -> tl.constexpr:
     )
 
 
-# 0x4300 is bf16 128.0 and 0x6400 fp16 1024.0: numbers whose last mantissa bit is 1.
+# 0x4300 is bf16 128.0 and 0x6400 fp16 1024.0: numbers whose last mantissa bit is 1. One
+# block per width and dtype because the mask must sit inside the PTX: masked in Triton
+# before it, ptxas does not merge the AND with the block's OR (sm_90 SASS of the 2-bit
+# whole-page loop: 881 instructions a thread and tile against 817).
 _PAIR_BF16_2 = _pair_asm(2, "bf16", 0x4300)
 _PAIR_BF16_4 = _pair_asm(4, "bf16", 0x4300)
 _PAIR_FP16_2 = _pair_asm(2, "f16", 0x6400)
@@ -296,8 +299,7 @@ def _packed_decode_kernel(
             v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[None, :],
                             other=0.0).to(tl.float32)
             v = tl.trans(_dequantize_rows(v_words, v_scale, v_min, BITS, DOT_DTYPE))
-            m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
-                                    row_valid, DOT_PRECISION)
+            m_i, l_i, acc = _attend(q, k_t, v, m_i, l_i, acc, row_valid, DOT_PRECISION)
         # Full-precision blocks after the packed pages, the same split's share of them,
         # a block a step: wider gathered tiles cost registers (255 for 4-block tiles,
         # 168 for 2, on sm_90) that every packed tile would pay for in occupancy.
