@@ -75,13 +75,21 @@ _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 @triton.jit
 def _attend(q, k_t, v, m_i, l_i, acc, valid, DOT_PRECISION: tl.constexpr):
     """Online-softmax step over one tile: logits ``q @ k_t`` (base-2, scale folded into
-    ``q``), keys where ``valid`` is false are masked."""
+    ``q``), keys where ``valid`` is false are masked.
+
+    ``l_i`` is either the row sums ``[G_PAD]`` or, as a ``[G_PAD, tile]`` tensor, the
+    row sums kept per column (rescaled like the rest, summed by the caller after the
+    loop): the loop then skips a cross-warp sum, its shared-memory round trip and its
+    barriers, every tile."""
     logits = tl.dot(q, k_t, input_precision=DOT_PRECISION)
     logits = tl.where(valid[None, :], logits, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(logits, axis=1))
     p = tl.exp2(logits - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if len(l_i.shape) == 2:
+        l_i = l_i * alpha[:, None] + p
+    else:
+        l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -250,11 +258,11 @@ def _packed_decode_kernel(
         q = (q * qk_scale).to(DOT_DTYPE)
         row_ptr = block_table_ptr + row.to(tl.int64) * stride_bt
         m_i = tl.full([G_PAD], -1e30, tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, DIM], tl.float32)
         # Packed tiles: TILE_BLOCKS consecutive blocks of one page (blocks past R masked),
         # TILES_PER_PAGE of them per page; one tile is [DIM, TILE_BLOCKS * BLOCK] keys.
         TILE: tl.constexpr = TILE_BLOCKS * BLOCK
+        l_cols = tl.zeros([G_PAD, TILE], tl.float32)
         BLOCK_WORDS: tl.constexpr = NUM_HEADS * HEAD_WORDS
         TILE_KEY_WORDS: tl.constexpr = TILE_BLOCKS * KEY_WORDS
         col = tl.arange(0, TILE_KEY_WORDS)
@@ -299,7 +307,8 @@ def _packed_decode_kernel(
             v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[None, :],
                             other=0.0).to(tl.float32)
             v = tl.trans(_dequantize_rows(v_words, v_scale, v_min, BITS, DOT_DTYPE))
-            m_i, l_i, acc = _attend(q, k_t, v, m_i, l_i, acc, row_valid, DOT_PRECISION)
+            m_i, l_cols, acc = _attend(q, k_t, v, m_i, l_cols, acc, row_valid, DOT_PRECISION)
+        l_i = tl.sum(l_cols, axis=1)
         # Full-precision blocks after the packed pages, the same split's share of them,
         # a block a step: wider gathered tiles cost registers (255 for 4-block tiles,
         # 168 for 2, on sm_90) that every packed tile would pay for in occupancy.
