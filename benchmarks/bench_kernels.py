@@ -31,10 +31,14 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
   the mass kernel's launch constants (``scoring._MASS_*``), and of both compactions over
   ``compaction._BLOCK_R`` x ``_NUM_WARPS`` (restored afterwards), fastest first.
 
-Two times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
+Three times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
 calls; host work and device syncs included, which is what the engine pays), ``device`` the
-GPU's busy time per call from the torch profiler (kernel efficiency alone). Prints a table,
-a two-pass vs fused summary, and writes every number to ``--out`` as JSON.
+GPU's busy time per call from the torch profiler (the sum of its kernels' durations:
+kernel efficiency alone). Scoring also gets ``span``: the call captured in a CUDA graph
+and replayed, the median time from its first kernel's start to its last kernel's end, so
+the gaps between its launches count (host time does not), and launches that overlap
+(programmatic dependent launch) count once. Prints a table, a two-pass vs fused summary,
+and writes every number to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import argparse
 import itertools
 import json
 import math
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -112,6 +117,39 @@ def device_ms(fn: Callable[[], object], iters: int = 20) -> tuple[float, dict[st
         if e.self_device_time_total > 0
     }
     return sum(per_kernel.values()), per_kernel
+
+
+def graph_span_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """Median milliseconds from a call's first kernel start to its last kernel end, the
+    call captured once in a CUDA graph and replayed (so the host never delays a launch)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            graph.replay()
+        torch.cuda.synchronize()
+    # Every replay runs the same device activities, so in start order they fall into
+    # ``iters`` equal groups, one a call.
+    spans = sorted(
+        (e.start_ns(), e.start_ns() + e.duration_ns())
+        for e in prof.profiler.kineto_results.events()
+        if e.device_type() == torch.autograd.DeviceType.CUDA
+    )
+    per_call, rest = divmod(len(spans), iters)
+    if per_call == 0 or rest:
+        raise RuntimeError(f"{len(spans)} device activities for {iters} calls")
+    calls = (spans[i * per_call : (i + 1) * per_call] for i in range(iters))
+    return statistics.median(max(e for _, e in c) - c[0][0] for c in calls) / 1e6
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:
@@ -203,9 +241,10 @@ def tune_constants(
         for values in itertools.product(*grid.values()):
             for name, value in zip(grid, values):
                 setattr(module, name, value)
-            ms = device_ms(fn)[0]
+            ms, span = device_ms(fn)[0], graph_span_ms(fn)
             tuning.append(dict(op=op, seq_len=seq_len, **dict(zip(grid, values)),
-                               device_ms=ms, device_x_floor=ms / floor_ms))  # fmt: skip
+                               device_ms=ms, device_x_floor=ms / floor_ms,
+                               span_ms=span, span_x_floor=span / floor_ms))  # fmt: skip
     finally:
         for name, value in defaults.items():
             setattr(module, name, value)
@@ -226,7 +265,7 @@ def print_tuning(tuning: list[dict]) -> None:
 def print_scoring_summary(rows: list[dict], sweep: list[dict]) -> None:
     """Two-pass vs fused device time per length and pooling, and the sweep's best shapes."""
     by_key = {(row["op"], row["seq_len"]): row for row in rows}
-    print("window_scores device ms (x the read-once floor): two-pass, fused, fused without"
+    print("window_scores span ms (x the read-once floor): two-pass, fused, fused without"
           " L2 reuse, one pass given the log-sum-exps:")  # fmt: skip
     for seq_len in sorted({row["seq_len"] for row in rows}):
         for pooling in ("avg", "max"):
@@ -236,7 +275,7 @@ def print_scoring_summary(rows: list[dict], sweep: list[dict]) -> None:
             )
             print(
                 f"  T={seq_len:>7} {pooling}: "
-                + ", ".join(f"{c['device_ms']:.3f} ({c['device_x_floor']:.2f}x)" for c in cells)
+                + ", ".join(f"{c['span_ms']:.4f} ({c['span_x_floor']:.2f}x)" for c in cells)
                 + f"; floor {by_key[(scoring_op(pooling, 'two_pass'), seq_len)]['floor_ms']:.3f} ms"
             )
     for seq_len in sorted({entry["seq_len"] for entry in sweep}):
@@ -253,21 +292,35 @@ def print_scoring_summary(rows: list[dict], sweep: list[dict]) -> None:
 
 
 def measure(
-    rows: list[dict], op: str, seq_len: int, fn: Callable[[], object], floor_ms: float | None
+    rows: list[dict],
+    op: str,
+    seq_len: int,
+    fn: Callable[[], object],
+    floor_ms: float | None,
+    span: bool = False,
 ) -> None:
-    """Append one table row: call time, device time and, if given, the HBM floor."""
+    """Append one table row: call time, device time, with ``span`` the graph-replayed
+    span (:func:`graph_span_ms`) and, if given, the HBM floor."""
     total_ms, per_kernel_ms = device_ms(fn)
     row = {
         "op": op,
         "seq_len": seq_len,
         "call_ms": bench_ms(fn),
         "device_ms": total_ms,
+        "span_ms": None,
         "kernels_ms": per_kernel_ms,
         "floor_ms": floor_ms,
     }
+    if span:
+        try:
+            row["span_ms"] = graph_span_ms(fn)
+        except RuntimeError as error:  # an op that cannot be captured, or a profile gap
+            print(f"{op} at T={seq_len}: no span ({error})")
     if floor_ms:
         row["call_x_floor"] = row["call_ms"] / floor_ms
         row["device_x_floor"] = row["device_ms"] / floor_ms
+        if row["span_ms"]:
+            row["span_x_floor"] = row["span_ms"] / floor_ms
     rows.append(row)
 
 
@@ -306,7 +359,7 @@ def run_length(
                     **path_kwargs, **score_kwargs,
                 )  # fmt: skip
 
-            measure(rows, scoring_op(pooling, path), seq_len, scoring, key_floor_ms)
+            measure(rows, scoring_op(pooling, path), seq_len, scoring, key_floor_ms, span=True)
             if ref is not None:
                 checks[f"scores_{pooling}_{path}_rel_error"] = rel_error(scoring(), ref)
         del ref
@@ -450,17 +503,21 @@ def main() -> None:
         f"{results['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write), "
         f"L2 {results['l2_cache_mb']:.0f} MB, {results['sm_count']} SMs"
     )
-    header = ("op", "T", "call ms", "device ms", "floor ms", "call/floor", "dev/floor")
+    header = ("op", "T", "call ms", "device ms", "span ms", "floor ms", "call/floor",
+              "dev/floor", "span/floor")  # fmt: skip
     print(f"{header[0]:<34}" + "".join(f"{name:>11}" for name in header[1:]))
     for row in rows:
         floor = row["floor_ms"]
+        span = f"{row['span_ms']:>11.4f}" if row["span_ms"] else f"{'':>11}"
         tail = (
-            f"{floor:>10.3f}{row['call_x_floor']:>12.2f}{row['device_x_floor']:>11.2f}"
+            f"{floor:>11.4f}{row['call_x_floor']:>11.2f}{row['device_x_floor']:>11.2f}"
+            + (f"{row['span_x_floor']:>11.2f}" if "span_x_floor" in row else "")
             if floor
             else ""
         )
         print(
-            f"{row['op']:<34}{row['seq_len']:>8}{row['call_ms']:>10.3f}{row['device_ms']:>11.3f}{tail}"
+            f"{row['op']:<34}{row['seq_len']:>11}{row['call_ms']:>11.3f}{row['device_ms']:>11.4f}"
+            f"{span}{tail}"
         )
         if len(row["kernels_ms"]) > 1:
             for kernel, ms in row["kernels_ms"].items():

@@ -253,7 +253,7 @@ def _window_mass_kernel(
     window, group, head_dim, qk_scale, lse_to_log2, width, tiles_per_split,
     PAGE_SIZE: tl.constexpr, G_PAD: tl.constexpr, W_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, SUM_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, LAUNCH_POOLING: tl.constexpr,
 ):
     """Two-pass step 2: ``mass[s, q, j] = sum_i softmax_row(q, i)[j]`` for the split's
     tokens ``j < T - window`` (and ``< width``); other entries are left untouched. With
@@ -266,8 +266,15 @@ def _window_mass_kernel(
     0.0248 ms at 32K tokens, 0.085 against 0.080 at 128K, with the pooling launch).
 
     ``lse[s, i, q] * lse_to_log2`` is row ``(q, i)``'s normaliser in log2 units.
-    Before the window every window query sees every key, so no causal mask here."""
+    Before the window every window query sees every key, so no causal mask here.
+
+    With ``LAUNCH_POOLING`` (Hopper and later) every program lets the pooling launch,
+    made as a programmatic dependent launch, start at once: its programs take the SM
+    slots this kernel's programs leave and wait there for its end, instead of being
+    launched after it."""
     M: tl.constexpr = G_PAD * W_PAD
+    if LAUNCH_POOLING:
+        tl.extra.cuda.gdc_launch_dependents()
     s = tl.program_id(0)
     h = tl.program_id(1)
     num_scored = tl.minimum(tl.load(seq_lens_ptr + s) - window, width)
@@ -312,13 +319,20 @@ def _pool_group_kernel(
     stride_ms, stride_mh, stride_os, stride_oh,
     window, group, width,
     POOL: tl.constexpr, IS_MAX: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    AFTER_MASS: tl.constexpr,
 ):
     """Two-pass step 3: ``out[s, h, j]`` = sum over the group of the pooled mass, ``-inf``
     past ``T - window``. Tokens outside ``[0, T - window)`` pad as 0 (avg, counted in the
-    divisor) or are ignored (max), as ``F.avg_pool1d``/``F.max_pool1d`` do."""
+    divisor) or are ignored (max), as ``F.avg_pool1d``/``F.max_pool1d`` do.
+
+    With ``AFTER_MASS`` the launch may start while the mass kernel still runs
+    (programmatic dependent launch): the mass is read only after ``gdc_wait``, which
+    returns once that kernel has ended and its stores are visible."""
     s = tl.program_id(0)
     h = tl.program_id(1)
     num_scored = tl.minimum(tl.load(seq_lens_ptr + s) - window, width)
+    if AFTER_MASS:
+        tl.extra.cuda.gdc_wait()
     tok = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     offs_g = tl.arange(0, G_PAD)
     g_mask = offs_g < group
@@ -623,6 +637,12 @@ def _num_programs(per_sm: int, device: torch.device) -> int:
     return _PROGRAMS_WITHOUT_GPU
 
 
+def _dependent_launches(device: torch.device) -> bool:
+    """Whether the pooling launch may overlap the mass kernel's end (programmatic
+    dependent launch, compute capability 9.0 and later; never under the interpreter)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _key_splits(
     num_tiles: int, units: int, per_sm: int, device: torch.device, max_tiles: int | None = None
 ) -> tuple[int, int]:
@@ -800,6 +820,7 @@ def _two_pass_scores(
         lse_to_log2 = math.log2(math.e)
     # Max pooling does not commute with the group sum: its mass stays per query head.
     pooled_group = 1 if pooling == "avg" else group
+    dependent = _dependent_launches(query.device)
     mass = torch.empty(num_seqs, num_kv_heads * pooled_group, width, dtype=torch.float32,
                        device=query.device)  # fmt: skip
     splits, tiles_per_split = _key_splits(triton.cdiv(width, _MASS_BLOCK_N),
@@ -810,7 +831,7 @@ def _two_pass_scores(
         stride_ls=lse.stride(0), stride_lw=lse.stride(1), stride_lh=lse.stride(2),
         stride_ms=mass.stride(0), stride_mh=mass.stride(1), lse_to_log2=lse_to_log2,
         width=width, tiles_per_split=tiles_per_split, G_PAD=g_pad, BLOCK_N=_MASS_BLOCK_N,
-        SUM_GROUP=pooling == "avg", NUM_STAGES=_MASS_NUM_STAGES,
+        SUM_GROUP=pooling == "avg", NUM_STAGES=_MASS_NUM_STAGES, LAUNCH_POOLING=dependent,
         **(common | dict(num_warps=_MASS_NUM_WARPS)),
     )  # fmt: skip
     _pool_group_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_POOL))](
@@ -818,7 +839,7 @@ def _two_pass_scores(
         mass.stride(0), mass.stride(1), out.stride(0), out.stride(1),
         window, pooled_group, width,
         POOL=pool_kernel, IS_MAX=pooling == "max", G_PAD=triton.next_power_of_2(pooled_group),
-        BLOCK=_BLOCK_POOL,
+        BLOCK=_BLOCK_POOL, AFTER_MASS=dependent, **({"launch_pdl": True} if dependent else {}),
     )
 
 
