@@ -3,6 +3,7 @@ dense version."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -345,50 +346,63 @@ def test_fused_is_deterministic_without_device_syncs(paged_kv):
         assert_scores_match(outs[0], ref, TOLERANCE[torch.bfloat16])
 
 
-# Compiles the fused kernel for an H100 (sm_90) with Triton's bundled ptxas, no GPU needed,
-# at Llama-3.1-8B shapes with the register cap of 4 programs x 4 warps per SM; prints PTX.
+# Compiles a scoring kernel for an H100 (sm_90) with Triton's bundled ptxas, no GPU needed,
+# at Llama-3.1-8B shapes; prints PTX. argv[1]: JSON of the kernel's name, pointer types,
+# constexprs, 16-aligned arguments and compile options.
 COMPILE_FOR_SM90 = """
+import json
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vllm_fastkv.kernels import scoring
 
-kernel = scoring._fused_scores_kernel
-key_dtype, pooling = sys.argv[1:]
-pointers = dict(query_ptr="*bf16", key_cache_ptr="*" + key_dtype, block_table_ptr="*i32",
-                seq_lens_ptr="*i32", partial_ptr="*fp32", sync_ptr="*i32", out_ptr="*fp32")
-constexprs = dict(PAGE_SIZE=16, G_PAD=4, W_PAD=8, D_PAD=128, SEQ_BLOCK=64, BLOCK_N=64,
-                  BLOCK=64, POOL=7, POOL_PAD=8, IS_MAX=pooling == "max", MERGE_BLOCK=64,
-                  FILL_BLOCK=1024, DOT_PRECISION="tf32", stride_qd=1, stride_kd=1)
-aligned = {*pointers, "stride_qs", "stride_qw", "stride_qh", "stride_kb", "stride_ks",
-           "stride_kh", "head_dim"}
-signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32")
-             for name in kernel.arg_names} | {"qk_scale": "fp32"}
+spec = json.loads(sys.argv[1])
+kernel = getattr(scoring, spec["kernel"])
+constexprs = spec["constexprs"]
+signature = {name: "constexpr" if name in constexprs else spec["pointers"].get(name, "i32")
+             for name in kernel.arg_names}
+signature |= {name: "fp32" for name in ("qk_scale", "lse_to_log2") if name in signature}
 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-         if name in aligned}
+         if name in spec["pointers"] or name in spec["aligned"]}
 compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                          target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, num_stages=3, maxnreg=128))
+                          target=GPUTarget("cuda", 90, 32), options=spec["options"])
 assert compiled.asm["cubin"]
 print(compiled.asm["ptx"])
 """
+KEY_STRIDES = ["stride_qs", "stride_qw", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
+               "head_dim"]  # fmt: skip
+
+
+def compile_for_sm90(kernel: str, pointers: dict, constexprs: dict, aligned: list,
+                     **options) -> str:  # fmt: skip
+    """The sm_90 PTX of ``scoring.<kernel>`` (the interpreter is switched off for it)."""
+    spec = dict(kernel=kernel, pointers=pointers, constexprs=constexprs, aligned=aligned,
+                options=options)  # fmt: skip
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90, json.dumps(spec)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 @pytest.mark.parametrize("key_dtype, pooling", [("bf16", "avg"), ("fp8e4nv", "max")])
 def test_fused_kernel_compiles_for_sm90(key_dtype, pooling):
-    """The GPU build of the fused kernel, checked without a GPU (the interpreter runs the
-    Python semantics only): ptxas accepts it under the register cap, the synchronisation
-    is what the schedule relies on (one thread's acq_rel counts, acquire flag reads,
-    release flag writes, L2-only reads of other programs' partials), and the key loops
-    stay software-pipelined inside the job loop."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_SM90, key_dtype, pooling],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ptx = proc.stdout
+    """The GPU build of the fused kernel (register cap of 4 programs x 4 warps an SM),
+    checked without a GPU (the interpreter runs the Python semantics only): ptxas accepts
+    it under the register cap, the synchronisation is what the schedule relies on (one
+    thread's acq_rel counts, acquire flag reads, release flag writes, L2-only reads of
+    other programs' partials), and the key loops stay software-pipelined inside the job
+    loop."""
+    pointers = dict(query_ptr="*bf16", key_cache_ptr="*" + key_dtype, block_table_ptr="*i32",
+                    seq_lens_ptr="*i32", partial_ptr="*fp32", sync_ptr="*i32", out_ptr="*fp32")
+    constexprs = dict(PAGE_SIZE=16, G_PAD=4, W_PAD=8, D_PAD=128, SEQ_BLOCK=64, BLOCK_N=64,
+                      BLOCK=64, POOL=7, POOL_PAD=8, IS_MAX=pooling == "max", MERGE_BLOCK=64,
+                      FILL_BLOCK=1024, DOT_PRECISION="tf32", stride_qd=1, stride_kd=1)
+    ptx = compile_for_sm90("_fused_scores_kernel", pointers, constexprs, KEY_STRIDES,
+                           num_warps=4, num_stages=3, maxnreg=128)  # fmt: skip
     for instruction in (
         "atom.global.gpu.acq_rel.add",
         "ld.global.gpu.acquire",
@@ -397,6 +411,31 @@ def test_fused_kernel_compiles_for_sm90(key_dtype, pooling):
         "cp.async",
     ):
         assert instruction in ptx, instruction
+
+
+def test_pooling_launch_overlaps_mass_kernel_on_sm90():
+    """With the log-sum-exps given, the two launches on Hopper: every mass program lets
+    the dependent pooling launch start, and the pooling kernel reads no mass before
+    ``griddepcontrol.wait`` (its only earlier load is the sequence length)."""
+    mass_ptx = compile_for_sm90(
+        "_window_mass_kernel",
+        dict(query_ptr="*bf16", key_cache_ptr="*bf16", block_table_ptr="*i32",
+             seq_lens_ptr="*i32", lse_ptr="*fp32", mass_ptr="*fp32"),
+        dict(PAGE_SIZE=16, G_PAD=4, W_PAD=8, D_PAD=128, BLOCK_N=64, SUM_GROUP=True,
+             DOT_PRECISION="tf32", NUM_STAGES=2, LAUNCH_POOLING=True, stride_qd=1, stride_kd=1),
+        KEY_STRIDES, num_warps=4,
+    )  # fmt: skip
+    assert "griddepcontrol.launch_dependents" in mass_ptx
+    assert "cp.async" in mass_ptx
+    pool_ptx = compile_for_sm90(
+        "_pool_group_kernel",
+        dict(mass_ptr="*fp32", seq_lens_ptr="*i32", out_ptr="*fp32"),
+        dict(POOL=7, IS_MAX=False, G_PAD=1, BLOCK=256, AFTER_MASS=True),
+        ["stride_ms", "stride_mh", "stride_os", "stride_oh"], num_warps=4,
+    )  # fmt: skip
+    before_wait = pool_ptx.split("griddepcontrol.wait")
+    assert len(before_wait) == 2
+    assert before_wait[0].count("ld.global") == 1
 
 
 def test_nothing_to_score(paged_kv, device):
