@@ -262,6 +262,8 @@ def _packed_decode_kernel(
         # Packed tiles: TILE_BLOCKS consecutive blocks of one page (blocks past R masked),
         # TILES_PER_PAGE of them per page; one tile is [DIM, TILE_BLOCKS * BLOCK] keys.
         TILE: tl.constexpr = TILE_BLOCKS * BLOCK
+        # Row sums kept per column in this loop (see _attend): on an H200, 3-5% faster
+        # than one cross-warp sum a tile (docs/BENCHMARKS.md, ninth run).
         l_cols = tl.zeros([G_PAD, TILE], tl.float32)
         BLOCK_WORDS: tl.constexpr = NUM_HEADS * HEAD_WORDS
         TILE_KEY_WORDS: tl.constexpr = TILE_BLOCKS * KEY_WORDS
@@ -296,7 +298,7 @@ def _packed_decode_kernel(
             # leaves each thread consecutive channels of a token as the dot's shared-memory
             # operand is laid out: stored 16 bytes at a time, not element by element (sm_90,
             # 2 bits, whole pages: 8 STS.128 for 64 STS.U16 a thread and tile, 5% fewer
-            # instructions, 2 fewer barriers; not yet timed).
+            # instructions, 2 fewer barriers).
             v_words = tl.load(words_ptr + block_base[None, :] + VALUE_CODES
                               + row_tok[None, :] * VALUE_WORDS + vword[:, None],
                               mask=row_valid[None, :], other=0)
