@@ -16,6 +16,9 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
   window rows' log-sum-exps given (``attention_lse``: in the engine they come from the
   prompt's FlashAttention; here from :func:`window_lse_ref`, untimed), with
   ``max_seq_len`` from the host as the serving path calls it (no device sync);
+* the mass kernel's key reads alone (``_key_gather_kernel``: its grid, tiles and loads,
+  none of its work) vs the same floor: how much of ``attention_lse`` is reading the keys
+  through the block table at that launch shape;
 * ``select_retained`` (budget ``retain_rate * T``), ``select_propagated`` (``tsp_rate * T``)
   and a bare ``torch.topk`` of the same size, next to the scoring time (lengths and budgets
   as host lists, as the serving path passes them: no device sync);
@@ -51,6 +54,8 @@ import statistics
 from collections.abc import Callable
 
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 from vllm_fastkv.kernels import (
@@ -158,6 +163,54 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
     return 2 * src.numel() / (ms * 1e-3)
+
+
+@triton.jit
+def _key_gather_kernel(
+    key_cache_ptr, block_table_ptr, out_ptr,
+    stride_kb, stride_ks, stride_kh, stride_kd, stride_bt,
+    num_tokens, tiles_per_split,
+    PAGE_SIZE: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """The mass kernel's key reads without its work: the same grid, tiles, pipelined loop
+    and tile load (``scoring._key_tile_logits``, here against a query block of ones), the
+    logits summed, one float per program out. What reading the keys through the block
+    table costs at the mass kernel's launch shape."""
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(num_tokens, BLOCK_N))
+    offs_d = tl.arange(0, D)
+    ones = tl.full([M, D], 1.0, key_cache_ptr.dtype.element_ty)
+    acc = tl.zeros([M, BLOCK_N], tl.float32)
+    for tile in tl.range(first, last, num_stages=NUM_STAGES):
+        tok = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc += scoring_module._key_tile_logits(
+            ones, key_cache_ptr, block_table_ptr, h, tok, tok < num_tokens,
+            stride_kb, stride_ks, stride_kh, stride_kd, offs_d, offs_d < D, 1.0,
+            PAGE_SIZE, "tf32",
+        )  # fmt: skip
+    tl.store(out_ptr + h * tl.num_programs(2) + split, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+def key_gather(key_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Launch :func:`_key_gather_kernel` over one sequence's first ``seq_len`` keys with
+    the mass kernel's constants; per-program sums of the keys' channel sums (times 32)."""
+    num_kv_heads, head_dim = key_cache.shape[2:]
+    splits, tiles_per_split = scoring_module._key_splits(
+        triton.cdiv(seq_len, scoring_module._MASS_BLOCK_N), num_kv_heads,
+        scoring_module._MASS_PROGRAMS_PER_SM, key_cache.device,
+        scoring_module._MASS_MAX_TILES_PER_SPLIT,
+    )  # fmt: skip
+    out = torch.empty(num_kv_heads, splits, dtype=torch.float32, device=key_cache.device)
+    _key_gather_kernel[(1, num_kv_heads, splits)](
+        key_cache, block_table, out, *key_cache.stride(), block_table.stride(0),
+        seq_len, tiles_per_split, PAGE_SIZE=key_cache.shape[1], M=32, D=head_dim,
+        BLOCK_N=scoring_module._MASS_BLOCK_N, NUM_STAGES=scoring_module._MASS_NUM_STAGES,
+        num_warps=scoring_module._MASS_NUM_WARPS,
+    )  # fmt: skip
+    return out
 
 
 def paged_cache(args: argparse.Namespace, seq_len: int, seed: int):
@@ -363,6 +416,17 @@ def run_length(
             if ref is not None:
                 checks[f"scores_{pooling}_{path}_rel_error"] = rel_error(scoring(), ref)
         del ref
+    # What the mass kernel's reads alone cost (its grid, tiles and loads, none of its work).
+    scored = seq_len - args.window
+    measure(rows, "key reads (mass kernel's shape)", seq_len,
+            lambda: key_gather(key_cache, block_table, scored), key_floor_ms,
+            span=True)  # fmt: skip
+    if args.check:
+        sums = key_gather(key_cache, block_table, scored).sum(dim=1).double()
+        tokens = torch.arange(scored, device="cuda")
+        keys = key_cache[block_table[0, tokens // args.block_size], tokens % args.block_size]
+        expected = 32 * keys.double().sum(dim=(0, 2))
+        checks["key_reads_rel_error"] = float((sums - expected).norm() / expected.norm())
     if args.tune:
         tune_constants(
             tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module, MASS_TUNING,
