@@ -40,6 +40,10 @@ def test_precedence_additional_config_over_env_over_defaults():
         ({"kv_group_size": 0}, "fastkv.kv_group_size"),
         ({"kv_bits": 2, "kv_group_size": 8}, "kv_group_size"),
         ({"kv_residual": -1}, "fastkv.kv_residual"),
+        ({"evicted_bits": 3}, "fastkv.evicted_bits"),
+        ({"evicted_bits": 2, "tsp_rate": 1.0, "kv_bits": 4}, "kv_bits 16"),
+        ({"evicted_bits": 2}, "tsp_rate 1.0"),
+        ({"evicted_bits": 2, "tsp_rate": 1.0, "kv_group_size": 8}, "kv_group_size"),
     ],
 )
 def test_invalid_values_name_the_field(section, field):

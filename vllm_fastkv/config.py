@@ -109,6 +109,15 @@ class FastKVConfig(BaseModel):
         ge=0,
         description="Low-bit KV: a request's last tokens always kept in full precision.",
     )
+    evicted_bits: Literal[0, 4, 2] = Field(
+        default=0,
+        description=(
+            "Mixed precision (MiKV): the prompt KV entries retention would evict are kept "
+            "at 4 or 2 bits in packed pages instead of dropped, the selected ones stay at "
+            "16 bits; 0 drops them. Needs kv_bits 16 and every layer's KV of the whole "
+            "prompt (tsp_rate 1.0)."
+        ),
+    )
     selection: Literal["scored", "recency"] = Field(
         default="scored",
         description=(
@@ -123,10 +132,21 @@ class FastKVConfig(BaseModel):
             raise ValueError(
                 f"pool_kernel must be odd so pooling keeps the token count (got {self.pool_kernel})"
             )
-        if self.kv_bits < 16 and self.kv_group_size % codes_per_word(self.kv_bits):
+        if self.evicted_bits and self.kv_bits < 16:
             raise ValueError(
-                f"kv_group_size must be a multiple of {codes_per_word(self.kv_bits)} at "
-                f"kv_bits {self.kv_bits}, the codes of one packed word (got {self.kv_group_size})"
+                f"evicted_bits ({self.evicted_bits}) keeps the selected entries at 16 bits: "
+                f"it needs kv_bits 16 (got {self.kv_bits})"
+            )
+        if self.evicted_bits and self.selection == "scored" and self.tsp_rate < 1.0:
+            raise ValueError(
+                f"evicted_bits ({self.evicted_bits}) needs the KV of every prompt token in "
+                f"every layer: set tsp_rate 1.0 (got {self.tsp_rate})"
+            )
+        if self.packed_bits < 16 and self.kv_group_size % codes_per_word(self.packed_bits):
+            raise ValueError(
+                f"kv_group_size must be a multiple of {codes_per_word(self.packed_bits)} at "
+                f"{self.packed_bits} bits, the codes of one packed word "
+                f"(got {self.kv_group_size})"
             )
         if self.mode == "constant":
             for name in ("max_capacity_prompt", "tsp_len"):
@@ -205,9 +225,29 @@ class FastKVConfig(BaseModel):
         )  # fmt: skip
 
     @property
+    def packed_bits(self) -> int:
+        """Bits of the packed low-bit pages: ``kv_bits`` (the retained KV packed),
+        ``evicted_bits`` (mixed precision: what retention evicts), 16 (no pages)."""
+        if self.kv_bits < 16:
+            return self.kv_bits
+        return self.evicted_bits or 16
+
+    @property
+    def packed_bits_setting(self) -> str:
+        """The setting that chose ``packed_bits``, as errors name it (``fastkv.kv_bits=2``)."""
+        if self.kv_bits < 16:
+            return f"fastkv.kv_bits={self.kv_bits}"
+        return f"fastkv.evicted_bits={self.evicted_bits}"
+
+    @property
     def quantizes(self) -> bool:
-        """Whether retained prompt KV is packed to ``kv_bits`` bits."""
-        return self.enabled and self.kv_bits < 16
+        """Whether prompt KV is packed to low-bit pages (``kv_bits`` or ``evicted_bits``)."""
+        return self.enabled and self.packed_bits < 16
+
+    @property
+    def keeps_evicted(self) -> bool:
+        """Mixed precision: what retention evicts stays, at ``evicted_bits`` bits."""
+        return self.enabled and self.evicted_bits > 0
 
     @property
     def propagates(self) -> bool:

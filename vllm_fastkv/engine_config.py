@@ -57,8 +57,8 @@ def _check_low_bit(vllm_config: VllmConfig, settings: FastKVConfig) -> None:
     the scheduler starts; the block size may only be settled later)."""
     if settings.retain_rate >= 1.0 and settings.mode == "proportional":
         raise FastKVConfigError(
-            f"Invalid FastKV setting fastkv.kv_bits={settings.kv_bits}: low-bit KV packs "
-            "what KV retention keeps, so it needs fastkv.retain_rate < 1 or mode 'constant'"
+            f"Invalid FastKV setting {settings.packed_bits_setting}: low-bit KV packs what KV "
+            "retention keeps or evicts, so it needs fastkv.retain_rate < 1 or mode 'constant'"
         )
     model_config = vllm_config.model_config
     if model_config is None:

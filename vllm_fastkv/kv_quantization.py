@@ -64,10 +64,10 @@ class PackedRows:
 
 def engine_layout(kv_cache_spec: Any, settings: FastKVConfig) -> LowBitLayout:
     """The packed layout of an engine's pages, from its KV cache spec; a format that
-    cannot be packed is a start-up error naming ``kv_bits``."""
+    cannot be packed is a start-up error naming ``kv_bits`` (or ``evicted_bits``)."""
     try:
         layout = LowBitLayout(
-            bits=settings.kv_bits,
+            bits=settings.packed_bits,
             block_size=kv_cache_spec.block_size,
             num_kv_heads=kv_cache_spec.num_kv_heads,
             head_dim=kv_cache_spec.head_size,
@@ -77,7 +77,7 @@ def engine_layout(kv_cache_spec: Any, settings: FastKVConfig) -> LowBitLayout:
         check_kernel_layout(layout)
     except ValueError as exc:
         raise FastKVConfigError(
-            f"Invalid FastKV setting fastkv.kv_bits={settings.kv_bits}: {exc}"
+            f"Invalid FastKV setting {settings.packed_bits_setting}: {exc}"
         ) from None
     return layout
 
@@ -145,3 +145,4 @@ def attend_packed(
                                         arrivals=rows.arrivals)  # fmt: skip
     else:
         kernels.packed_decode_attention_ref(*args, scale=scale, layout=rows.layout)
+

@@ -33,7 +33,8 @@ CHART_TO_CONFIG = {  # values.yaml fastkv keys -> FastKVConfig fields
     "retainRate": "retain_rate", "window": "window", "poolKernel": "pool_kernel",
     "pooling": "pooling", "mode": "mode", "maxCapacityPrompt": "max_capacity_prompt",
     "tspLen": "tsp_len", "tspBufferTokens": "tsp_buffer_tokens", "kvBits": "kv_bits",
-    "kvGroupSize": "kv_group_size", "kvResidual": "kv_residual", "selection": "selection",
+    "kvGroupSize": "kv_group_size", "kvResidual": "kv_residual", "evictedBits": "evicted_bits",
+    "selection": "selection",
 }
 #: Knobs whose empty value means "derived from the model" (the plugin's None).
 UNSET_MEANS_AUTO = ("tspLayer", "tspBufferTokens")
@@ -180,7 +181,7 @@ def test_chart_defaults_are_the_papers(chart: helm.Chart):
         "enabled": True, "tspLayer": "", "tspRate": 0.2, "retainRate": 0.1, "window": 8,
         "poolKernel": 7, "pooling": "avg", "mode": "proportional", "maxCapacityPrompt": 512,
         "tspLen": 2048, "tspBufferTokens": "", "kvBits": 16, "kvGroupSize": 32,
-        "kvResidual": 128, "selection": "scored",
+        "kvResidual": 128, "evictedBits": 0, "selection": "scored",
     }
     config = FastKVConfig()
     for key, field in CHART_TO_CONFIG.items():

@@ -86,6 +86,8 @@ tspLayer is left out when empty so the plugin picks the model's middle layer.
   value: {{ $f.kvGroupSize | quote }}
 - name: VLLM_FASTKV_KV_RESIDUAL
   value: {{ $f.kvResidual | quote }}
+- name: VLLM_FASTKV_EVICTED_BITS
+  value: {{ $f.evictedBits | quote }}
 - name: VLLM_FASTKV_SELECTION
   value: {{ $f.selection | quote }}
 {{- end }}
