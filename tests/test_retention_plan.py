@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vllm_fastkv.config import FastKVConfig, FastKVConfigError
-from vllm_fastkv.retention import plan_retention, request_settings
+from vllm_fastkv.retention import pages_to_pack, plan_retention, request_settings
 
 ENGINE = FastKVConfig.validated({"retain_rate": 0.25, "tsp_rate": 1.0})
 
@@ -49,6 +49,19 @@ def test_low_bit_pages_of_a_32k_prompt():
     assert plan_retention(ENGINE, 32768, 16, page_tokens=64).packed_pages == 0  # 16 bits
     tight = FastKVConfig.validated({"retain_rate": 0.1, "kv_bits": 2, "kv_residual": 3280})
     assert plan_retention(tight, 32768, 16, page_tokens=64).packed_pages == 0
+
+
+def test_mixed_precision_layout_of_a_32k_prompt():
+    """Evicted entries kept at 2 bits: nothing freed before S = 29,488, the 3,280
+    selected entries after it at 16 bits, and the 460 whole 64-slot pages of the evicted
+    slots packed (R = 4: 1,380 blocks back to the pool), however long the request grows."""
+    settings = FastKVConfig.validated({"retain_rate": 0.1, "evicted_bits": 2, "tsp_rate": 1.0})
+    plan = plan_retention(settings, 32768, 16, page_tokens=64)
+    assert (plan.start, plan.evicted, plan.kept) == (0, 32768 - 3280, 3280)
+    assert plan.packed_pages == (32768 - 3280) // 64 == 460
+    assert pages_to_pack(settings, plan, 32768 + 5000, 64) == 460
+    # A prompt too short to free a block stays whole, as with retention alone.
+    assert plan_retention(settings, 20, 16, page_tokens=64) is None
 
 
 @given(

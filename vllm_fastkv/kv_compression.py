@@ -3,7 +3,9 @@
 Runs inside the attention layer of the step that completes a prompt: the layer's KV for
 the whole prompt is in the paged cache, and the prompt's last ``window`` queries are in
 this step's query tensor. Scoring, per-head top-k and tail-aligned compaction
-(:mod:`vllm_fastkv.retention`) then leave the selected entries in slots ``[S, T)``.
+(:mod:`vllm_fastkv.retention`) then leave the selected entries in slots ``[S, T)``. With
+mixed precision the evicted entries stay too, in ``[0, S)``: selected entries before
+``S`` trade slots with evicted ones at or after it (:func:`_trade_slots`).
 
 On CUDA the Triton kernels of :mod:`vllm_fastkv.kernels` do the work; on CPUs (no Triton
 backend) their torch references, which compute the same function.
@@ -87,4 +89,63 @@ def _select_and_compact(
         )
         compact = kernels.compact_kv_ref
     batch.scores = scores
-    compact(key_cache, value_cache, batch.block_tables, indices, counts, starts=batch.starts)
+    if batch.evicted_ends is not None:
+        _trade_slots(key_cache, value_cache, batch.block_tables, indices, counts,
+                     batch.evicted_ends)  # fmt: skip
+    else:
+        compact(key_cache, value_cache, batch.block_tables, indices, counts, starts=batch.starts)
+
+
+def _trade_slots(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    ends: torch.Tensor,
+) -> None:
+    """Mixed precision's layout, in place: per row and KV head, the ``i``-th selected
+    entry before ``S`` (``ends``) and the ``i``-th evicted entry at or after ``S`` (both in
+    ascending order; there are as many of each) exchange slots, so that ``[S, T)`` holds
+    the ``T - S`` selected entries and ``[0, S)`` the evicted ones.
+
+    ``indices``: ``[n, heads, width]`` selected positions, ascending per head and ``-1``
+    padded past ``counts[s] = T - S``. No two pairs share a slot, so every pair is
+    exchanged at once (torch gathers and scatters, on the device: no sync, no staging);
+    the other lanes exchange a slot that no pair touches with itself (a selected entry
+    that stays, or for padding the last prompt token, which is always selected).
+    """
+    n, heads, width = indices.shape
+    if width == 0:
+        return
+    lane = torch.arange(width, device=indices.device)
+    ends = ends[:, None, None]
+    in_count = lane < counts[:, None, None]
+    # The last prompt token, T - 1 = S + count - 1: selected in every head, never moved.
+    last = ends + counts[:, None, None] - 1
+    stays = torch.where(in_count, indices, last)
+    before = (indices < ends) & in_count
+    moving = before.sum(dim=2, keepdim=True)
+    # Slots S + j (j < count) holding a selected entry sort after the free ones.
+    taken = torch.zeros(n, heads, width + 1, dtype=torch.bool, device=indices.device)
+    offsets = torch.where(in_count & ~before, indices - ends, width)
+    taken.scatter_(2, offsets, True)
+    taken = taken[..., :width] | ~in_count
+    free = (lane + width * taken).argsort(dim=2)
+    a = stays
+    b = torch.where(lane < moving, ends + free, stays)
+    page = key_cache.shape[1]
+    head = torch.arange(heads, device=indices.device)[None, :, None].expand_as(a)
+    rows = torch.arange(n, device=indices.device)[:, None, None]
+    block_a = block_tables[rows, a // page].long()
+    block_b = block_tables[rows, b // page].long()
+    for cache in (key_cache, value_cache):
+        raw = cache.view(_RAW[cache.element_size()])
+        at_a = raw[block_a, a % page, head]
+        at_b = raw[block_b, b % page, head]
+        raw[block_a, a % page, head] = at_b
+        raw[block_b, b % page, head] = at_a
+
+
+#: Same-width integers: slots move as raw bits, whatever the cache dtype (fp8 included).
+_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}

@@ -18,6 +18,13 @@ first block of the ``R``; the other ``R - 1`` blocks go back to the pool too. ``
 from the page layout (:mod:`vllm_fastkv.packed_layout`), passed in as
 ``page_tokens``.
 
+Mixed precision (``evicted_bits`` 4 or 2, MiKV's idea): nothing is freed before ``S``;
+each layer and KV head keeps its selected entries at ``[S, T)`` and what selection
+evicts at ``[0, S)`` (a selected entry before ``S`` trades slots with an evicted one at
+or after it), and every whole page of ``[0, S)`` is packed at ``evicted_bits``. The
+selected entries and the generated tokens stay at 16 bits, so no page is packed while
+decoding.
+
 Nothing here imports torch or vLLM.
 """
 
@@ -41,16 +48,20 @@ REQUEST_OVERRIDABLE = frozenset({"enabled", "retain_rate", "mode", "max_capacity
 @dataclass(frozen=True)
 class PromptRetention:
     """How one request's prompt KV is compressed: keep slots ``[start, prompt_len)``, the
-    first ``packed_pages * page_tokens`` of them packed to low-bit pages."""
+    first ``packed_pages * page_tokens`` of them packed to low-bit pages.
+
+    ``evicted``: with mixed precision, the slots ``[start, start + evicted)`` hold the
+    entries selection evicts (``start`` is then 0), the selected ones follow them."""
 
     prompt_len: int
     start: int
     packed_pages: int = 0
+    evicted: int = 0
 
     @property
     def kept(self) -> int:
-        """Entries kept per layer and KV head (the block-rounded budget ``B'``)."""
-        return self.prompt_len - self.start
+        """Entries selected per layer and KV head (the block-rounded budget ``B'``)."""
+        return self.prompt_len - self.start - self.evicted
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,8 @@ def plan_retention(
     A prompt is left alone when FastKV is disabled for it or when its budget is within
     one block of its length (nothing could be freed). With low-bit KV (``page_tokens``:
     slots per packed page, 0 without), the kept slots before the last ``kv_residual``
-    prompt tokens are packed in whole pages.
+    prompt tokens are packed in whole pages; with mixed precision, the whole pages of
+    the evicted entries.
     """
     if not settings.enabled or settings.retain_rate >= 1.0 and settings.mode == "proportional":
         return None
@@ -155,7 +167,10 @@ def plan_retention(
     start = (prompt_len - budget) // block_size * block_size
     if start <= 0:
         return None
-    retained = PromptRetention(prompt_len=prompt_len, start=start)
+    if settings.keeps_evicted:
+        retained = PromptRetention(prompt_len=prompt_len, start=0, evicted=start)
+    else:
+        retained = PromptRetention(prompt_len=prompt_len, start=start)
     pages = pages_to_pack(settings, retained, prompt_len, page_tokens)
     return dataclasses.replace(retained, packed_pages=pages)
 
@@ -166,10 +181,13 @@ def pages_to_pack(settings: FastKVConfig, retained: PromptRetention, cached: int
 
     The same rule as at compression (:func:`plan_retention`), applied as the request
     grows: generated tokens extend the kept slots, and every ``page_tokens`` of them past
-    the residual make one more page.
+    the residual make one more page. With mixed precision: the whole pages of the evicted
+    slots, however long the request grows.
     """
     if not settings.quantizes or page_tokens <= 0:
         return 0
+    if retained.evicted:
+        return retained.evicted // page_tokens
     return max(cached - retained.start - settings.kv_residual, 0) // page_tokens
 
 

@@ -171,10 +171,13 @@ class CompressionBatch:
     block_tables: torch.Tensor  # int32 [n, max_blocks]
     scored_lens: torch.Tensor  # int32 [n]
     scored_lens_host: list[int]
-    budgets: list[int]  # entries kept per head, T - start
+    budgets: list[int]  # entries selected per head (B')
     starts: torch.Tensor  # int64 [n]: first slot of the kept entries
     starts_host: list[int]
     packed_pages: list[int]  # low-bit pages to pack from each row's start slot
+    #: Mixed precision: int64 ``[n]``, ``S`` of each row: the selected entries go to
+    #: ``[S, T)``, the evicted ones to ``[0, S)`` (None: the evicted ones are dropped).
+    evicted_ends: torch.Tensor | None
     timer: CompressionTimer  # the step's
     layout: LowBitLayout | None  # low-bit KV's page layout (None: 16 bits)
     window: int
@@ -337,6 +340,8 @@ class RetentionViews:
             starts=torch.tensor(starts, device=self.device),
             starts_host=starts,
             packed_pages=pages,
+            evicted_ends=torch.tensor([t - k for t, k in zip(scored, kept)], device=self.device)
+            if self.settings.keeps_evicted else None,
             timer=step.timer,
             layout=self.layout,
             window=self.settings.window,

@@ -37,9 +37,11 @@ from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.packed_layout import LowBitLayout
 from vllm_fastkv.reference import (
     LowBitStore,
+    PrefillResult,
     fastkv_prefill,
     forced_decode_logits,
     greedy_decode,
+    keep_evicted_low_bit,
 )
 from vllm_fastkv.retention import plan_propagation, plan_retention
 
@@ -86,7 +88,7 @@ def packed_layout(model_config, settings: dict) -> LowBitLayout:
     )
     cache = torch.empty(1, BLOCK, model_config.num_key_value_heads, head_dim,
                         dtype=getattr(torch, ENGINE["dtype"]))  # fmt: skip
-    return LowBitLayout.for_cache(cache, config.kv_bits, config.kv_group_size)
+    return LowBitLayout.for_cache(cache, config.packed_bits, config.kv_group_size)
 
 
 def load(model_dir):
@@ -108,24 +110,33 @@ def prefill(model, ids: list[int], settings: dict):
     )  # fmt: skip
 
 
-def kv_store(model, ids: list[int], settings: dict) -> LowBitStore | None:
-    """The low-bit store vLLM's cache amounts to for this prompt, or None (16 bits, or a
-    prompt that is not compressed and so never packed)."""
+def stored_prefill(
+    model, ids: list[int], settings: dict
+) -> tuple[PrefillResult, LowBitStore | None]:
+    """The reference prefill as vLLM's cache holds it after compression, and the low-bit
+    store that keeps packing while decoding (None: 16 bits, mixed precision, whose pages
+    hold only prompt entries, or a prompt that is not compressed and so never packed)."""
     config = FastKVConfig.validated(settings)
+    result = prefill(model, ids, settings)
     if not config.quantizes or plan_retention(config, len(ids), BLOCK) is None:
-        return None
+        return result, None
     layout = packed_layout(model.config, settings)
-    return LowBitStore(
+    if config.keeps_evicted:
+        full = fastkv_prefill(model, ids, policy="full")
+        return keep_evicted_low_bit(
+            full, result, bits=config.evicted_bits, value_group=layout.value_group,
+            block_size=BLOCK, page_tokens=layout.page_tokens,
+        ), None  # fmt: skip
+    store = LowBitStore(
         bits=config.kv_bits, value_group=layout.value_group, residual=config.kv_residual,
         block_size=BLOCK, page_tokens=layout.page_tokens,
     )  # fmt: skip
+    return store.prefill(result), store
 
 
 def reference_tokens(model, ids: list[int], settings: dict, max_tokens: int) -> list[int]:
     """The reference's greedy continuation of ``ids`` as vLLM runs it at ``settings``."""
-    result, store = prefill(model, ids, settings), kv_store(model, ids, settings)
-    if store is not None:
-        result = store.prefill(result)
+    result, store = stored_prefill(model, ids, settings)
     return greedy_decode(model, result, max_tokens, kv_store=store).tolist()
 
 
@@ -152,9 +163,7 @@ def logit_gaps(
     """Per prompt and step: reference max logit - logit of the token vLLM chose."""
     gaps = []
     for ids, s, out in zip(prompts, settings, tokens):
-        result, store = prefill(model, ids, s), kv_store(model, ids, s)
-        if store is not None:
-            result = store.prefill(result)
+        result, store = stored_prefill(model, ids, s)
         logits = forced_decode_logits(model, result, out, kv_store=store)
         chosen = logits.gather(1, torch.tensor(out)[:, None])[:, 0]
         gaps.append(logits.max(dim=-1).values - chosen)

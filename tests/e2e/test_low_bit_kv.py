@@ -74,6 +74,34 @@ def test_low_bit_matches_reference(tiny_llama, bits, chunk):
     _check_blocks(tiny_llama, settings, result["scheduler"], decode_pages=False)
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_mixed_precision_matches_reference(tiny_llama, bits):
+    """Evicted entries kept at low bits instead of dropped (``evicted_bits``, MiKV's idea):
+    vLLM's greedy tokens equal the reference's decoding from
+    :func:`~vllm_fastkv.reference.keep_evicted_low_bit` in the engine's slot layout, with
+    chunked prefill; the scheduler frees ``R - 1`` blocks of every page of evicted
+    entries and none before ``S``, packs nothing while decoding, and gets every block
+    back. The evicted entries count: the reference's tokens without them differ."""
+    settings = {"retain_rate": 0.25, "tsp_rate": 1.0, "evicted_bits": bits}
+    prompts = random_prompts(LENGTHS, seed=7)
+    result = generate(
+        tiny_llama, prompts, MAX_TOKENS, max_num_batched_tokens=64,
+        additional_config={"fastkv": settings}, **ENGINE,
+    )  # fmt: skip
+    assert_matches_reference(tiny_llama, prompts, [settings] * len(prompts), result["tokens"])
+    _check_blocks(tiny_llama, settings, result["scheduler"], decode_pages=False)
+    layout = packed_layout(AutoConfig.from_pretrained(tiny_llama), settings)
+    plans = [plan_retention(FastKVConfig.validated(settings), n, BLOCK, layout.page_tokens)
+             for n in LENGTHS]  # fmt: skip
+    assert result["scheduler"]["packed_pages"] == sum(p.packed_pages for p in plans if p)
+    model = load(tiny_llama)
+    dropped = {**settings, "evicted_bits": 0}
+    assert any(
+        reference_tokens(model, ids, dropped, MAX_TOKENS) != out
+        for ids, out in zip(prompts, result["tokens"])
+    )
+
+
 def test_low_bit_packs_pages_while_decoding(tiny_llama):
     """Long generations: every request packs further pages as it decodes (at 4 bits a page
     is 80 tokens here), each in the step its slots allow, as the reference does."""
@@ -157,9 +185,15 @@ def test_quantization_changes_the_output(tiny_llama):
     assert plain != packed
 
 
-def test_low_bit_preemption_under_a_small_pool(tiny_llama):
-    """More long requests than the pool holds, packing pages as they decode: preempted
-    requests are recomputed from scratch (and packed again as they grow), all finish,
-    and every block comes back."""
-    settings = {**LOW_BIT, "kv_bits": 4, "kv_residual": 128}
-    assert run_under_a_small_pool(tiny_llama, settings, 300)["packed_pages"] > 0
+@pytest.mark.parametrize(
+    "settings, max_tokens",
+    [({**LOW_BIT, "kv_bits": 4, "kv_residual": 128}, 300),
+     ({"retain_rate": 0.5, "tsp_rate": 1.0, "evicted_bits": 2}, 120)],
+    ids=["kv_bits", "evicted_bits"],
+)  # fmt: skip
+def test_low_bit_preemption_under_a_small_pool(tiny_llama, settings, max_tokens):
+    """More long requests than the pool holds, packing pages as they decode (kv_bits) or
+    at compression (evicted_bits, whose requests hold more blocks: preempted sooner):
+    preempted requests are recomputed from scratch (and packed again), all finish, and
+    every block comes back."""
+    assert run_under_a_small_pool(tiny_llama, settings, max_tokens)["packed_pages"] > 0

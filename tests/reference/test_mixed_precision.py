@@ -11,7 +11,7 @@ from vllm_fastkv.reference import (
     greedy_decode,
     keep_evicted_low_bit,
 )
-from vllm_fastkv.reference.lowbit import round_trip_layer
+from vllm_fastkv.reference.lowbit import engine_slots, round_trip_layer
 from vllm_fastkv.reference.quantization import dequantize_groups_ref, quantize_groups_ref
 
 STORE = dict(value_group=8, block_size=4)
@@ -72,6 +72,34 @@ def test_mixed_sits_between_retention_and_full(llama_model):
         )
     ]
     assert gaps[0] > gaps[1] > gaps[2] > 0
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_engine_layout_packs_whole_pages_of_evicted_slots(llama_model, bits):
+    """``page_tokens``: the entries in the engine's slot order (engine_slots), of the
+    evicted slots ``[0, S)`` the whole pages quantised (keys per channel over 4 slots,
+    values per slot over 8 channels), everything after them exact."""
+    full, retained = prefills(llama_model)
+    page = 12
+    mixed = keep_evicted_low_bit(full, retained, bits=bits, page_tokens=page, **STORE)
+    for whole, kept, layer in zip(full.layers, retained.layers, mixed.layers, strict=True):
+        heads, prompt_len, dim = whole.keys.shape
+        slots = engine_slots(kept.indices, prompt_len)
+        assert torch.equal(layer.indices, slots)
+        rows = slots[..., None].expand(-1, -1, dim)
+        keys, values = whole.keys.gather(1, rows), whole.values.gather(1, rows)
+        packed = (prompt_len - kept.indices.shape[1]) // page * page
+        assert 0 < packed < prompt_len - kept.indices.shape[1]
+        assert torch.equal(layer.keys[:, packed:], keys[:, packed:])
+        assert torch.equal(layer.values[:, packed:], values[:, packed:])
+        groups = keys[:, :packed].reshape(heads, -1, 4, dim)
+        expected = dequantize_groups_ref(*quantize_groups_ref(groups, bits, dim=2))
+        torch.testing.assert_close(layer.keys[:, :packed], expected.reshape(heads, packed, dim),
+                                   rtol=0, atol=0)  # fmt: skip
+        groups = values[:, :packed].reshape(heads, packed, dim // 8, 8)
+        expected = dequantize_groups_ref(*quantize_groups_ref(groups, bits, dim=3))
+        torch.testing.assert_close(layer.values[:, :packed],
+                                   expected.reshape(heads, packed, dim), rtol=0, atol=0)
 
 
 def test_round_trip_layer_stores_everything(llama_model):

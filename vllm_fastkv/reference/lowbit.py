@@ -14,8 +14,9 @@ rank over ``value_group`` channels), with the same arithmetic
 
 :func:`keep_evicted_low_bit` is the mixed-precision variant (MiKV's idea): the entries
 retention evicts are kept at low bits instead of dropped, the retained ones at full
-precision. The engine does not implement it; ``benchmarks/accuracy/mixed_precision.py``
-measures what it would recover (docs/ACCURACY.md).
+precision; with ``page_tokens`` exactly as the engine stores them (``evicted_bits``),
+else every evicted entry in position order (``benchmarks/accuracy/mixed_precision.py``,
+docs/ACCURACY.md).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def keep_evicted_low_bit(
     bits: int,
     value_group: int,
     block_size: int,
+    page_tokens: int | None = None,
 ) -> PrefillResult:
     """Mixed precision (MiKV's idea): what retention evicts is stored at ``bits``, not dropped.
 
@@ -90,6 +92,12 @@ def keep_evicted_low_bit(
     full precision), with the retained entries at full precision; entries are returned in
     position order per head (attention does not depend on the order: RoPE is applied to
     the keys), so every layer holds all ``T`` positions.
+
+    ``page_tokens``: the engine's layout instead (:func:`engine_slots`): the entries in the
+    order of its slots, and of the evicted ones (the first ``S`` slots) only the whole
+    pages of ``page_tokens`` slots quantised, the rest at full precision. Decoding from
+    it is what the engine computes (``indices`` then give each slot's position, no longer
+    sorted).
     """
     layers = []
     for whole, kept in zip(full.layers, retained.layers, strict=True):
@@ -97,6 +105,17 @@ def keep_evicted_low_bit(
         if whole.positions.numel() != prompt_len or not torch.equal(whole.positions,
                                                                      kept.positions):
             raise ValueError("keep_evicted_low_bit needs retention alone (every layer over all T)")
+        if page_tokens is not None:
+            slots = engine_slots(kept.indices, prompt_len)
+            ends = (prompt_len - kept.indices.shape[1]) // page_tokens * page_tokens
+            rows = slots[..., None].expand(-1, -1, dim)
+            keys, values = whole.keys.gather(1, rows), whole.values.gather(1, rows)
+            keys[:, :ends], values[:, :ends] = _store_low_bit(
+                keys[:, :ends], values[:, :ends], bits=bits, value_group=value_group,
+                block_size=block_size,
+            )  # fmt: skip
+            layers.append(dataclasses.replace(kept, indices=slots, keys=keys, values=values))
+            continue
         evicted = torch.ones(heads, prompt_len, dtype=torch.bool, device=whole.keys.device)
         evicted.scatter_(1, kept.indices.long(), False)
         count = prompt_len - kept.indices.shape[1]
@@ -117,6 +136,25 @@ def keep_evicted_low_bit(
             values=torch.cat([values, kept.values], dim=1).gather(1, rows),
         ))  # fmt: skip
     return dataclasses.replace(retained, layers=layers)
+
+
+def engine_slots(selected: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The position each slot holds in the engine's mixed-precision layout, ``[heads, T]``.
+
+    ``selected``: ``[heads, B']`` kept positions, ascending. With ``S = T - B'``, the
+    ``i``-th selected position before ``S`` and the ``i``-th unselected one at or after
+    ``S`` exchange slots; every other entry stays in its own slot.
+    """
+    heads, count = selected.shape
+    start = prompt_len - count
+    slots = torch.arange(prompt_len, device=selected.device).repeat(heads, 1)
+    for head, kept in enumerate(selected.tolist()):
+        chosen = set(kept)
+        before = [p for p in kept if p < start]
+        after = [p for p in range(start, prompt_len) if p not in chosen]
+        for a, b in zip(before, after, strict=True):
+            slots[head, a], slots[head, b] = b, a
+    return slots
 
 
 def round_trip_layer(layer: LayerKV, *, bits: int, value_group: int, block_size: int) -> LayerKV:
