@@ -13,6 +13,9 @@ call, greedy, scored by exact match. Methods (``--methods``):
   recency``), the StreamingLLM-style baseline;
 * ``retention_4bit`` / ``retention_2bit``: retention with the kept KV stored at 4 / 2 bits
   (``kv_bits``; not in the default list);
+* ``mixed_4bit`` / ``mixed_2bit``: retention with what it evicts kept at 4 / 2 bits
+  instead of dropped, the selected KV at 16 (``evicted_bits``, MiKV's idea; not in the
+  default list);
 
 the last five at each ``--rates`` retain rate. Rows go to ``--out`` after each engine (default
 ``docs/accuracy.json``; rows of the same model, device, method, settings, task, length
@@ -51,8 +54,9 @@ TASKS = {
     "variable_tracking": tasks.variable_tracking,
 }
 METHODS = ("stock", "disabled", "retention", "fastkv", "recency")
-#: Low-bit storage of the retained KV, compared with ``retention`` at the same budget.
-LOW_BIT_METHODS = ("retention_4bit", "retention_2bit")
+#: Low-bit storage of the retained KV, and of the evicted KV beside the retained KV at
+#: 16 bits (mixed precision), compared with ``retention`` at the same budget.
+LOW_BIT_METHODS = ("retention_4bit", "retention_2bit", "mixed_4bit", "mixed_2bit")
 #: Methods that take a retain rate.
 RATED = ("retention", "fastkv", "recency", *LOW_BIT_METHODS)
 #: Methods whose selection is the window scoring.
@@ -77,6 +81,8 @@ def method_settings(method: str, rate: float, tsp_rate: float,
         "recency": {"retain_rate": rate, "tsp_rate": 1.0, "selection": "recency"},
         "retention_4bit": {"retain_rate": rate, "tsp_rate": 1.0, "kv_bits": 4},
         "retention_2bit": {"retain_rate": rate, "tsp_rate": 1.0, "kv_bits": 2},
+        "mixed_4bit": {"retain_rate": rate, "tsp_rate": 1.0, "evicted_bits": 4},
+        "mixed_2bit": {"retain_rate": rate, "tsp_rate": 1.0, "evicted_bits": 2},
     }[method]
     if settings is not None and method in SCORED:
         settings.update(scoring or {})

@@ -16,6 +16,8 @@ def test_scoring_flags_reach_scored_methods_only():
         "retain_rate": 0.1, "tsp_rate": 1.0, "window": 32, "pooling": "max"}  # fmt: skip
     assert harness.method_settings("fastkv", 0.1, 0.2, scoring)["window"] == 32
     assert harness.method_settings("retention_2bit", 0.1, 0.2, scoring)["pooling"] == "max"
+    mixed = harness.method_settings("mixed_2bit", 0.1, 0.2, scoring)
+    assert (mixed["evicted_bits"], mixed["tsp_rate"], mixed["window"]) == (2, 1.0, 32)
     assert "window" not in harness.method_settings("recency", 0.1, 0.2, scoring)
     assert harness.method_settings("stock", 0.1, 0.2, scoring) is None
     assert harness.method_settings("disabled", 0.1, 0.2, scoring) == {"enabled": False}
