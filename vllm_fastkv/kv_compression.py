@@ -121,9 +121,9 @@ def _trade_slots(
     lane = torch.arange(width, device=indices.device)
     ends = ends[:, None, None]
     in_count = lane < counts[:, None, None]
-    # The last prompt token, T - 1 = S + count - 1: selected in every head, never moved.
-    last = ends + counts[:, None, None] - 1
-    stays = torch.where(in_count, indices, last)
+    # Lane i's first slot: the i-th selected entry, or for padding the last prompt token
+    # (T - 1 = S + count - 1: selected in every head, never moved).
+    a = torch.where(in_count, indices, ends + counts[:, None, None] - 1)
     before = (indices < ends) & in_count
     moving = before.sum(dim=2, keepdim=True)
     # Slots S + j (j < count) holding a selected entry sort after the free ones.
@@ -132,8 +132,7 @@ def _trade_slots(
     taken.scatter_(2, offsets, True)
     taken = taken[..., :width] | ~in_count
     free = (lane + width * taken).argsort(dim=2)
-    a = stays
-    b = torch.where(lane < moving, ends + free, stays)
+    b = torch.where(lane < moving, ends + free, a)
     page = key_cache.shape[1]
     head = torch.arange(heads, device=indices.device)[None, :, None].expand_as(a)
     rows = torch.arange(n, device=indices.device)[:, None, None]
