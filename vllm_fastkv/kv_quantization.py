@@ -6,8 +6,9 @@ scheduler then returns all but the first block of every page to vLLM's pool
 (:mod:`vllm_fastkv.retention_scheduler`), so the freed memory is counted by vLLM's own
 free-block accounting and admits more requests. As a decoding request grows by a page
 past ``kv_residual``, the scheduler asks for one more page: :func:`pack_decode_pages`
-packs it in every layer of that step. Then :func:`attend_packed` computes the decode
-rows' attention over their packed pages and full-precision blocks. In a batch of
+packs it in every layer of that step. With ``evicted_bits`` (mixed precision) the pages
+hold what retention evicted, all packed at compression. Then :func:`attend_packed`
+computes the decode rows' attention over their packed pages and full-precision blocks. In a batch of
 single-token decode rows it attends every row, packed or not, and vLLM's attention is not
 called at all (its launches cost ~12 us a layer even over one token a row); in a mixed
 batch vLLM's attention runs first, with a packed row's length cut to one token, and
