@@ -61,16 +61,24 @@ def _check_blocks(model_dir, settings: dict, sched: dict, decode_pages: bool) ->
     assert sched["free_blocks_end"] == sched["free_blocks_start"]
 
 
+def _matching_run(model_dir, settings: dict, seed: int, chunk: int,
+                  max_tokens: int = MAX_TOKENS) -> dict:  # fmt: skip
+    """vLLM at ``settings`` on the ``LENGTHS`` prompts of ``seed``, its tokens checked
+    against the reference's; returns the run (``tokens``, ``scheduler``) and its prompts."""
+    prompts = random_prompts(LENGTHS, seed=seed)
+    result = generate(
+        model_dir, prompts, max_tokens, max_num_batched_tokens=chunk,
+        additional_config={"fastkv": settings}, **ENGINE,
+    )  # fmt: skip
+    assert_matches_reference(model_dir, prompts, [settings] * len(prompts), result["tokens"])
+    return {**result, "prompts": prompts}
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("chunk", [64, 1024], ids=["chunk64", "unchunked"])
 def test_low_bit_matches_reference(tiny_llama, bits, chunk):
     settings = {**LOW_BIT, "kv_bits": bits}
-    prompts = random_prompts(LENGTHS, seed=4)
-    result = generate(
-        tiny_llama, prompts, MAX_TOKENS, max_num_batched_tokens=chunk,
-        additional_config={"fastkv": settings}, **ENGINE,
-    )  # fmt: skip
-    assert_matches_reference(tiny_llama, prompts, [settings] * len(prompts), result["tokens"])
+    result = _matching_run(tiny_llama, settings, seed=4, chunk=chunk)
     _check_blocks(tiny_llama, settings, result["scheduler"], decode_pages=False)
 
 
@@ -83,12 +91,7 @@ def test_mixed_precision_matches_reference(tiny_llama, bits):
     entries and none before ``S``, packs nothing while decoding, and gets every block
     back. The evicted entries count: the reference's tokens without them differ."""
     settings = {"retain_rate": 0.25, "tsp_rate": 1.0, "evicted_bits": bits}
-    prompts = random_prompts(LENGTHS, seed=7)
-    result = generate(
-        tiny_llama, prompts, MAX_TOKENS, max_num_batched_tokens=64,
-        additional_config={"fastkv": settings}, **ENGINE,
-    )  # fmt: skip
-    assert_matches_reference(tiny_llama, prompts, [settings] * len(prompts), result["tokens"])
+    result = _matching_run(tiny_llama, settings, seed=7, chunk=64)
     _check_blocks(tiny_llama, settings, result["scheduler"], decode_pages=False)
     layout = packed_layout(AutoConfig.from_pretrained(tiny_llama), settings)
     plans = [plan_retention(FastKVConfig.validated(settings), n, BLOCK, layout.page_tokens)
@@ -98,7 +101,7 @@ def test_mixed_precision_matches_reference(tiny_llama, bits):
     dropped = {**settings, "evicted_bits": 0}
     assert any(
         reference_tokens(model, ids, dropped, MAX_TOKENS) != out
-        for ids, out in zip(prompts, result["tokens"])
+        for ids, out in zip(result["prompts"], result["tokens"])
     )
 
 
@@ -106,12 +109,7 @@ def test_low_bit_packs_pages_while_decoding(tiny_llama):
     """Long generations: every request packs further pages as it decodes (at 4 bits a page
     is 80 tokens here), each in the step its slots allow, as the reference does."""
     settings = {**LOW_BIT, "kv_bits": 4}
-    prompts = random_prompts(LENGTHS, seed=6)
-    result = generate(
-        tiny_llama, prompts, 120, max_num_batched_tokens=64,
-        additional_config={"fastkv": settings}, **ENGINE,
-    )  # fmt: skip
-    assert_matches_reference(tiny_llama, prompts, [settings] * len(prompts), result["tokens"])
+    result = _matching_run(tiny_llama, settings, seed=6, chunk=64, max_tokens=120)
     _check_blocks(tiny_llama, settings, result["scheduler"], decode_pages=True)
 
 
@@ -119,12 +117,7 @@ def test_low_bit_with_propagation(tiny_qwen2):
     """Packed pages in the layers after tsp_layer too (their block tables are shifted to
     the propagated tokens), in a batch with decodes of packed requests."""
     settings = WITH_PROPAGATION
-    prompts = random_prompts(LENGTHS, seed=5)
-    result = generate(
-        tiny_qwen2, prompts, MAX_TOKENS, max_num_batched_tokens=100,
-        additional_config={"fastkv": settings}, **ENGINE,
-    )  # fmt: skip
-    assert_matches_reference(tiny_qwen2, prompts, [settings] * len(prompts), result["tokens"])
+    result = _matching_run(tiny_qwen2, settings, seed=5, chunk=100)
     sched = result["scheduler"]
     assert sched["propagated_prompts"] >= 3
     assert sched["free_blocks_end"] == sched["free_blocks_start"]
