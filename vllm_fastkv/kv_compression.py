@@ -89,9 +89,9 @@ def _select_and_compact(
         )
         compact = kernels.compact_kv_ref
     batch.scores = scores
-    if batch.evicted_ends is not None:
+    if batch.keeps_evicted:
         _trade_slots(key_cache, value_cache, batch.block_tables, indices, counts,
-                     batch.evicted_ends)  # fmt: skip
+                     batch.scored_lens.long() - counts)  # fmt: skip
     else:
         compact(key_cache, value_cache, batch.block_tables, indices, counts, starts=batch.starts)
 

@@ -8,10 +8,10 @@ free-block accounting and admits more requests. As a decoding request grows by a
 past ``kv_residual``, the scheduler asks for one more page: :func:`pack_decode_pages`
 packs it in every layer of that step. With ``evicted_bits`` (mixed precision) the pages
 hold what retention evicted, all packed at compression. Then :func:`attend_packed`
-computes the decode rows' attention over their packed pages and full-precision blocks. In a batch of
-single-token decode rows it attends every row, packed or not, and vLLM's attention is not
-called at all (its launches cost ~12 us a layer even over one token a row); in a mixed
-batch vLLM's attention runs first, with a packed row's length cut to one token, and
+computes the decode rows' attention over their packed pages and full-precision blocks.
+In a batch of single-token decode rows it attends every row, packed or not, and vLLM's
+attention is not called at all (its launches cost ~12 us a layer even over one token a
+row); in a mixed batch vLLM's attention runs first, with a packed row's length cut to one token, and
 :func:`attend_packed` overwrites the packed rows' outputs. Packed rows are decode rows
 (one query): packing happens when the prompt is complete, and a preempted request is
 recomputed from scratch.
@@ -146,4 +146,3 @@ def attend_packed(
                                         arrivals=rows.arrivals)  # fmt: skip
     else:
         kernels.packed_decode_attention_ref(*args, scale=scale, layout=rows.layout)
-

@@ -175,9 +175,9 @@ class CompressionBatch:
     starts: torch.Tensor  # int64 [n]: first slot of the kept entries
     starts_host: list[int]
     packed_pages: list[int]  # low-bit pages to pack from each row's start slot
-    #: Mixed precision: int64 ``[n]``, ``S`` of each row: the selected entries go to
-    #: ``[S, T)``, the evicted ones to ``[0, S)`` (None: the evicted ones are dropped).
-    evicted_ends: torch.Tensor | None
+    #: Mixed precision: the selected entries go to ``[S, T)`` (``S = T - budget``), the
+    #: evicted ones to ``[0, S)``; else the evicted ones are dropped.
+    keeps_evicted: bool
     timer: CompressionTimer  # the step's
     layout: LowBitLayout | None  # low-bit KV's page layout (None: 16 bits)
     window: int
@@ -340,8 +340,7 @@ class RetentionViews:
             starts=torch.tensor(starts, device=self.device),
             starts_host=starts,
             packed_pages=pages,
-            evicted_ends=torch.tensor([t - k for t, k in zip(scored, kept)], device=self.device)
-            if self.settings.keeps_evicted else None,
+            keeps_evicted=self.settings.keeps_evicted,
             timer=step.timer,
             layout=self.layout,
             window=self.settings.window,
