@@ -13,7 +13,10 @@ the kernel's own choice) it reports the time of
 :func:`~vllm_fastkv.kernels.packed_decode_attention` (the median of ``--rounds``
 ``do_bench`` medians, L2 flushed, taken over all configurations in turn), its floor
 (packed page bytes + full-precision tail bytes read once / measured copy bandwidth) and
-the relative error against the torch reference. With ``--ncu`` it times nothing and
+the relative error against the torch reference. The launch is the engine's: persistent
+arrival counts, and no row packing a page (``--pack-due`` adds, for each configuration,
+the launch of a step where every row also packs its next page after attending, as one
+decode step per page does). With ``--ncu`` it times nothing and
 launches each configuration twice (compile, then the launch to profile):
 
     ncu --clock-control none -k regex:_packed_decode_kernel \
@@ -72,6 +75,9 @@ def packed_batch(args: argparse.Namespace, bits: int):
                         generator=gen).to(torch.bfloat16)  # fmt: skip
     inputs = (query, key_cache, value_cache, block_table, qsl, seq_lens, packed)
     tail_tokens = kept + 1 - pages * layout.page_tokens
+    if args.pack_due and tail_tokens < layout.page_tokens:
+        raise ValueError(f"--pack-due needs a full-precision page behind the packed ones: "
+                         f"{tail_tokens} tail tokens, {layout.page_tokens} a page")
     floor_bytes = args.batch * (
         pages * per_page * layout.num_kv_heads * layout.head_bytes
         + tail_tokens * args.num_kv_heads * args.head_dim * 2 * 2
@@ -122,6 +128,8 @@ def main() -> None:
     parser.add_argument("--max-registers", type=int, nargs="+", default=[MAX_REGISTERS],
                         help="register caps a thread of the kernel may use")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--pack-due", action="store_true",
+                        help="also time each configuration with every row packing a page")
     parser.add_argument("--rounds", type=int, default=5,
                         help="timings of every configuration, interleaved; the median is kept")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench time per timing")
@@ -157,22 +165,35 @@ def main() -> None:
                                           layout=layout).float()  # fmt: skip
         floor_ms = floor_bytes / bandwidth * 1e3
         configs = itertools.product(args.tile_blocks, args.num_warps, args.num_stages,
-                                    sorted({*args.splits, default}), args.max_registers)
-        for tile_blocks, warps, stages, splits, registers in configs:
+                                    sorted({*args.splits, default}), args.max_registers,
+                                    [False, True] if args.pack_due else [False])
+        rows = args.batch
+        arrivals = torch.zeros(rows * (args.num_kv_heads + 1), dtype=torch.int32, device="cuda")
+        stage = torch.empty(rows, layout.page_bytes // 4, dtype=torch.int32, device="cuda")
+        pristine = (inputs[1].clone(), inputs[2].clone()) if args.pack_due else None
+        for tile_blocks, warps, stages, splits, registers, due in configs:
             if tile_blocks > layout.blocks_per_page:
                 continue  # the same tile as a whole page, masked wider
+            # Every row packing the page after its packed ones, or none (timed calls pack
+            # the page again each time: the same work, whatever the blocks hold).
+            pack = torch.full((rows,), pages if due else -1, dtype=torch.int32, device="cuda")
             out = torch.full_like(inputs[0], float("nan"))
             call = functools.partial(packed_decode_attention, *inputs, out, scale=scale,
                                      layout=layout, splits=splits, tile_blocks=tile_blocks,
                                      num_warps=warps, num_stages=stages,
-                                     max_registers=registers)  # fmt: skip
+                                     max_registers=registers, arrivals=arrivals,
+                                     pack_pages=pack, stage=stage)  # fmt: skip
             call()  # compiles, and fills ``out`` for the error check
             err = ((out.float() - ref).norm() / ref.norm()).item()
             cases.append((call, {"bits": bits, "splits": splits, "tile_blocks": tile_blocks,
                                  "num_warps": warps, "num_stages": stages,
-                                 "max_registers": registers,
+                                 "max_registers": registers, "pack_due": due,
                                  "default_splits": splits == default, "pages_per_row": pages,
                                  "floor_ms": floor_ms, "rel_error": err, "ms_rounds": []}))
+            if due:
+                # Undo the packing, so the next configuration's check sees the blocks.
+                inputs[1].copy_(pristine[0])
+                inputs[2].copy_(pristine[1])
     if args.ncu:
         for call, row in cases:
             call()
@@ -196,6 +217,7 @@ def main() -> None:
         rows.append({**row, "ms": ms, "x_floor": ms / row["floor_ms"]})
         print(f"{row['bits']}-bit tile_blocks={row['tile_blocks']} warps={row['num_warps']} "
               f"stages={row['num_stages']} splits={row['splits']:>2} "
+              f"{'pack ' if row['pack_due'] else ''}"
               f"regs={row['max_registers']:>3}"
               f"{'*' if row['default_splits'] else ' '} {ms * 1e3:8.1f} us "
               f"({min(row['ms_rounds']) * 1e3:.1f}-{max(row['ms_rounds']) * 1e3:.1f})  "

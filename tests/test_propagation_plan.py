@@ -189,14 +189,14 @@ def test_views_of_packed_rows():
     row. In a mixed batch vLLM's attention sees one token of it and the packed attention
     the real length, and the other rows are marked -1 (vLLM's); in a batch of single-token
     decode rows the packed attention takes every row and vLLM's is skipped. A page packed
-    in this step names its R blocks from the shifted table; a packed row with several
-    queries is refused (packed rows attend one query each)."""
+    after this step's attention is named per row, by its index in the shifted table (-1:
+    none, padding rows included); a packed row with several queries is refused (packed
+    rows attend one query each)."""
     from vllm_fastkv.packed_layout import LowBitLayout
     from vllm_fastkv.retention_metadata import RetentionViews
 
     settings = FastKVConfig.validated({"retain_rate": 0.25, "kv_bits": 2})
     layout = LowBitLayout.for_cache(torch.empty(1, BLOCK, 2, 64), 2, 32)  # fp32: R = 9
-    per_page = layout.blocks_per_page
     stage = torch.empty(4, layout.page_bytes // 4, dtype=torch.int32)
     views = RetentionViews(settings, 4, BLOCK, torch.device("cpu"), layout, stage)
     common = _common([1, 1, 30], [300, 120, 30], blocks_per_row=20)
@@ -204,14 +204,14 @@ def test_views_of_packed_rows():
     assert shifted.seq_lens.tolist() == [1, 120 - 96, 30] and not packed.attends_all
     assert packed.pages.tolist() == [1, -1, -1] and packed.seq_lens.tolist() == [268, 24, 30]
     assert torch.equal(packed.block_table[0, :6], common.block_table_tensor[0, 2:8])
-    assert packed.pack_count.tolist() == [1]
-    assert torch.equal(packed.pack_src[0], common.block_table_tensor[0, 2 : 2 + per_page])
+    assert packed.pack_pages.tolist() == [0, -1, -1]
     # Buffers are rewritten every step: a step without packed rows clears them.
     _, packed = views.apply(common, starts=[32, 96, 0], packed=[])
-    assert packed.pages.tolist() == [-1, -1, -1] and packed.pack_count.tolist() == [0]
+    assert packed.pages.tolist() == [-1, -1, -1] and packed.pack_pages.tolist() == [-1] * 3
     decode = _common([1, 1, 1], [300, 120, 30], blocks_per_row=20)
-    shifted, packed = views.apply(decode, starts=[32, 96, 0], packed=[1, 0])
+    shifted, packed = views.apply(decode, starts=[32, 96, 0], packed=[1, 0], pack=[(1, 0)])
     assert packed.attends_all and packed.pages.tolist() == [1, 0, 0]
+    assert packed.pack_pages.tolist() == [-1, 0, -1]
     assert shifted.seq_lens.tolist() == packed.seq_lens.tolist() == [268, 24, 30]
     with pytest.raises(RuntimeError, match="decode only"):
         views.apply(common, starts=[0, 0, 0], packed=[0, 0, 1])

@@ -32,7 +32,7 @@ from vllm.v1.attention.backends.triton_attn import (
 
 from vllm_fastkv import attention_lse
 from vllm_fastkv.kv_compression import compress_prompt_kv
-from vllm_fastkv.kv_quantization import PACKED_ATTR, attend_packed, pack_decode_pages
+from vllm_fastkv.kv_quantization import PACKED_ATTR, attend_packed
 from vllm_fastkv.registration import BACKEND_NAME
 from vllm_fastkv.retention_metadata import COMPRESSION_ATTR, RetentionMetadataBuilderMixin
 from vllm_fastkv.torch_paged_attention import paged_attention, split_kv_cache, write_paged_kv
@@ -111,7 +111,6 @@ class _CompressAfterAttention:
             key_cache = key_cache.view(current_platform.fp8_dtype())
             value_cache = value_cache.view(current_platform.fp8_dtype())
         if packed is not None:
-            pack_decode_pages(key_cache, value_cache, packed)
             attend_packed(query, key_cache, value_cache, packed, output, scale=self.scale)
         if batch is not None:
             if self.lse_for_scoring:

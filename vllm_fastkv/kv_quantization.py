@@ -4,11 +4,12 @@ With ``kv_bits`` 4 or 2, the step that compresses a prompt also folds its kept s
 every layer right after compaction, into packed pages (:func:`pack_prompt_pages`); the
 scheduler then returns all but the first block of every page to vLLM's pool
 (:mod:`vllm_fastkv.retention_scheduler`), so the freed memory is counted by vLLM's own
-free-block accounting and admits more requests. As a decoding request grows by a page
-past ``kv_residual``, the scheduler asks for one more page: :func:`pack_decode_pages`
-packs it in every layer of that step. With ``evicted_bits`` (mixed precision) the pages
-hold what retention evicted, all packed at compression. Then :func:`attend_packed`
-computes the decode rows' attention over their packed pages and full-precision blocks.
+free-block accounting and admits more requests. :func:`attend_packed` computes the
+decode rows' attention over their packed pages and full-precision blocks; when a
+decoding request's token completes one more page past ``kv_residual``, the scheduler
+asks for it, and the same launch packs it in every layer of that step, after attending
+(the next step reads it packed). With ``evicted_bits`` (mixed precision) the pages hold
+what retention evicted, all packed at compression.
 In a batch of single-token decode rows it attends every row, packed or not, and vLLM's
 attention is not called at all (its launches cost ~12 us a layer even over one token a
 row); in a mixed batch vLLM's attention runs first, with a packed row's length cut to one token, and
@@ -42,7 +43,8 @@ class PackedRows:
 
     ``pages[i]``: packed pages at the front of row ``i``'s shifted block table (0: none,
     the row is attended over its full-precision blocks; -1: the row keeps vLLM's attention
-    output); ``seq_lens[i]``: the tokens the row attends to from its start slot on.
+    output); ``seq_lens[i]``: the tokens the row attends to from its start slot on;
+    ``pack_pages[i]``: the page row ``i`` packs after attending in this step, or -1.
     ``attends_all``: a batch of single-token decode rows, all attended here, so vLLM's
     attention is skipped (a CUDA graph captured for such a batch has no call of it).
     """
@@ -52,14 +54,13 @@ class PackedRows:
     block_table: torch.Tensor  # int32 [rows, max_blocks], shifted
     query_start_loc: torch.Tensor  # int32 [rows + 1]
     layout: LowBitLayout  # the engine's, computed once at start-up
-    #: Decode rows' pages packed in this step, before attention: ``pack_count`` (int32
-    #: ``[1]``) groups of block ids in ``pack_src`` (``[max rows, R]``), through ``stage``.
-    pack_src: torch.Tensor
-    pack_count: torch.Tensor
+    pack_pages: torch.Tensor  # int32 [rows]
+    #: int32 ``[max rows, page_words]``: the scratch pages ``pack_pages`` go through.
     stage: torch.Tensor
     attends_all: bool
-    #: int32 ``[max rows x num_kv_heads]``, zero between launches: the packed decode
-    #: kernel's per-(row, KV head) arrival counts of its splits, which every layer reuses.
+    #: int32 ``[max rows x (num_kv_heads + 1)]``, zero between launches: the packed decode
+    #: kernel's arrival counts (its splits per (row, KV head), then per row for packing),
+    #: which every layer reuses.
     arrivals: torch.Tensor
 
 
@@ -112,19 +113,6 @@ def pack_prompt_pages(
     pack(key_cache, value_cache, src, layout)
 
 
-def pack_decode_pages(
-    key_cache: torch.Tensor, value_cache: torch.Tensor, rows: PackedRows
-) -> None:
-    """Pack the pages the step's decode rows fill (none most steps). On CUDA the launches
-    take the count from the device, so captured decode graphs replay them as they are."""
-    if key_cache.is_cuda:
-        kernels.pack_kv(key_cache, value_cache, rows.pack_src, rows.layout,
-                        num_groups=rows.pack_count, stage=rows.stage)  # fmt: skip
-    else:
-        kernels.pack_kv_ref(key_cache, value_cache, rows.pack_src, rows.layout,
-                            num_groups=rows.pack_count)  # fmt: skip
-
-
 def attend_packed(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -134,15 +122,19 @@ def attend_packed(
     *,
     scale: float,
 ) -> None:
-    """Write the attention output of every row with ``rows.pages >= 0``.
+    """Write the attention output of every row with ``rows.pages >= 0``, then pack the
+    pages ``rows.pack_pages`` asks for.
 
     On CUDA the kernel is launched for every step, packed rows or not, so decode steps
-    captured in CUDA graphs replay it; rows marked -1 return at once.
+    captured in CUDA graphs replay it; rows marked -1 return at once (after packing, if
+    they pack).
     """
     args = (query, key_cache, value_cache, rows.block_table, rows.query_start_loc,
             rows.seq_lens, rows.pages, output)
     if key_cache.is_cuda:
         kernels.packed_decode_attention(*args, scale=scale, layout=rows.layout,
-                                        arrivals=rows.arrivals)  # fmt: skip
+                                        arrivals=rows.arrivals, pack_pages=rows.pack_pages,
+                                        stage=rows.stage)  # fmt: skip
     else:
-        kernels.packed_decode_attention_ref(*args, scale=scale, layout=rows.layout)
+        kernels.packed_decode_attention_ref(*args, scale=scale, layout=rows.layout,
+                                            pack_pages=rows.pack_pages)  # fmt: skip

@@ -119,6 +119,11 @@ class LowBitLayout:
         return self.page_bytes // self.subblock_bytes
 
     @property
+    def used_page_words(self) -> int:
+        """int32 words of a page that its ``R`` packed blocks occupy (the rest is unused)."""
+        return self.blocks_per_page * self.subblock_bytes // _WORD_BYTES
+
+    @property
     def page_tokens(self) -> int:
         """Logical tokens one packed page holds."""
         return self.blocks_per_page * self.block_size

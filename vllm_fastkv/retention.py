@@ -93,11 +93,11 @@ class RetentionStepPlan:
     their KV right after its attention (which still sees the whole prompt).
     ``starts``: requests compressed in an earlier step; attention reads their blocks
     from ``start`` on (the blocks before it may already belong to other requests).
-    ``packed``: requests of ``starts`` whose first kept slots are packed pages (how many,
-    including a page packed in this step).
-    ``pack``: decoding requests that pack one more page before this step's attention, as
-    ``(page index, the compression it extends)``: their kept slots and generated tokens
-    have grown by a page past ``kv_residual``.
+    ``packed``: requests of ``starts`` whose first kept slots are packed pages (how many
+    this step's attention reads).
+    ``pack``: decoding requests that pack one more page after this step's attention, as
+    ``(page index, the compression it extends)``: with this step's token their kept
+    slots and generated tokens have grown by a page past ``kv_residual``.
     ``propagate``: the subset of ``compress`` that continues past ``tsp_layer`` with its
     selected tokens only.
     ``stash``: non-final prefill chunks of propagated prompts, as ``(chunk_start,

@@ -59,7 +59,8 @@ class StepRows:
 
     @functools.cached_property
     def pack_rows(self) -> list[tuple[int, int]]:
-        """``(row, page index)`` of decode rows that pack one more page in this step."""
+        """``(row, page index)`` of decode rows that pack one more page after this step's
+        attention."""
         return [
             (row, self.plan.pack[req_id][0])
             for row, req_id in enumerate(self.req_ids)
@@ -215,22 +216,20 @@ class RetentionViews:
         self.skip_blocks = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self._skip_host = torch.zeros(max_rows, dtype=torch.int64, pin_memory=_pinned(device))
         self._columns: torch.Tensor | None = None
-        # Low-bit KV (``layout``): per row, packed pages and the length the packed
-        # attention reads; the blocks of pages decode rows pack in this step, their count
-        # and the scratch pages the packing goes through (``stage``, shared by all views).
+        # Low-bit KV (``layout``): per row, packed pages and the page packed after
+        # attending in this step (one host-to-device copy of both), the length the packed
+        # attention reads, and the scratch pages the packing goes through (``stage``,
+        # shared by all views).
         self.layout = layout
-        self.packed_pages: torch.Tensor | None = None
+        self.row_pages: torch.Tensor | None = None
         if layout is not None:
-            self.packed_pages = torch.zeros(max_rows, dtype=torch.int32, device=device)
+            self.row_pages = torch.zeros(2, max_rows, dtype=torch.int32, device=device)
+            self._row_pages_host = torch.zeros(2, max_rows, dtype=torch.int32,
+                                               pin_memory=_pinned(device))  # fmt: skip
             self.packed_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
-            self._packed_host = torch.zeros(max_rows, dtype=torch.int32,
-                                            pin_memory=_pinned(device))  # fmt: skip
-            self.pack_src = torch.zeros(max_rows, layout.blocks_per_page, dtype=torch.int32,
-                                        device=device)  # fmt: skip
-            self.pack_count = torch.zeros(1, dtype=torch.int32, device=device)
             self.stage = stage
-            self.arrivals = torch.zeros(max_rows * layout.num_kv_heads, dtype=torch.int32,
-                                        device=device)  # fmt: skip
+            self.arrivals = torch.zeros(max_rows * (layout.num_kv_heads + 1),
+                                        dtype=torch.int32, device=device)  # fmt: skip
 
     def apply(
         self,
@@ -269,7 +268,7 @@ class RetentionViews:
             out_table.copy_(table)
             out_lens.copy_(common.seq_lens)
         shifted = dataclasses.replace(common, block_table_tensor=out_table, seq_lens=out_lens)
-        if self.packed_pages is None:
+        if self.row_pages is None:
             return shifted, None
         return shifted, self._packed_rows(common, out_table, out_lens, packed, pack)
 
@@ -297,29 +296,24 @@ class RetentionViews:
                         f"FastKV: batch row {row} has packed KV but "
                         f"{query_start[row + 1] - query_start[row]} queries (decode only)"
                     )
-        host = self._packed_host[:seq_rows]
-        host.fill_(0 if attends_all else -1)
+        host = self._row_pages_host
+        host[0].fill_(0 if attends_all else -1)
         marked = packed if attends_all else [pages or -1 for pages in packed]
-        host[: len(packed)] = torch.tensor(marked, dtype=torch.int32)
-        pages = self.packed_pages[:seq_rows]
-        pages.copy_(host, non_blocking=True)
+        host[0, : len(packed)] = torch.tensor(marked, dtype=torch.int32)
+        # A page packed after attending: the R blocks from column page * R of the row's
+        # shifted table (-1 everywhere else, padding rows of a captured batch included).
+        host[1].fill_(-1)
+        for row, page in pack:
+            host[1, row] = page
+        self.row_pages.copy_(host, non_blocking=True)
+        pages = self.row_pages[0, :seq_rows]
         packed_lens = self.packed_lens[:seq_rows]
         packed_lens.copy_(lens)
         if not attends_all:
             lens.masked_fill_(pages > 0, 1)
-        # A page packed now: the R blocks from column page * R of the row's shifted table.
-        self.pack_count.fill_(len(pack))
-        if pack:
-            per_page = self.layout.blocks_per_page
-            rows = torch.tensor([row for row, _ in pack for _ in range(per_page)])
-            columns = torch.tensor([page * per_page + r for _, page in pack
-                                    for r in range(per_page)])  # fmt: skip
-            src = table[rows.to(self.device), columns.to(self.device)]
-            self.pack_src[: len(pack)].copy_(src.view(len(pack), per_page))
-        # The packing launches span the batch's rows (at most one page per row and step).
         return PackedRows(pages, packed_lens, table, common.query_start_loc, self.layout,
-                          self.pack_src[:seq_rows], self.pack_count, self.stage,
-                          attends_all, self.arrivals)  # fmt: skip
+                          self.row_pages[1, :seq_rows], self.stage, attends_all,
+                          self.arrivals)  # fmt: skip
 
     def compression_batch(
         self, common: CommonAttentionMetadata, entries: list[CompressEntry], step: StepRows

@@ -148,11 +148,11 @@ class _RetentionSchedulerMixin(Scheduler):
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             retained = self.fastkv_retained.get(req_id)
             if retained is not None:
-                if num_tokens == 1 and self.fastkv_page_tokens:
-                    retained = self._grow_pages(req_id, retained, plan)
                 plan.starts[req_id] = retained.start
                 if retained.packed_pages:
                     plan.packed[req_id] = retained.packed_pages
+                if num_tokens == 1 and self.fastkv_page_tokens:
+                    self._grow_pages(req_id, retained, plan)
                 continue
             request = self.requests[req_id]
             computed = request.num_computed_tokens
@@ -200,17 +200,21 @@ class _RetentionSchedulerMixin(Scheduler):
 
     def _grow_pages(
         self, req_id: str, retained: PromptRetention, plan: RetentionStepPlan
-    ) -> PromptRetention:
-        """Low-bit KV of a decoding request: plan one more page once its slots allow it
-        (one per step; pages only ever extend the packed run)."""
-        cached = self.requests[req_id].num_computed_tokens
+    ) -> None:
+        """Low-bit KV of a decoding request: when this step's token completes one more
+        page past the residual, the step packs it after attending, and later steps read
+        it packed (one per step; pages only ever extend the packed run). Packing at the
+        end of the step that completes a page, not at the start of the next, lets the
+        decode attention launch do it (a decode step has no launch of its own for it);
+        every step's attention sees the same pages either way."""
+        cached = self.requests[req_id].num_computed_tokens + 1
         due = pages_to_pack(self.fastkv, retained, cached, self.fastkv_page_tokens)
         if due <= retained.packed_pages:
-            return retained
+            return
         plan.pack[req_id] = (retained.packed_pages, self.fastkv_origin[req_id])
-        grown = dataclasses.replace(retained, packed_pages=retained.packed_pages + 1)
-        self.fastkv_retained[req_id] = grown
-        return grown
+        self.fastkv_retained[req_id] = dataclasses.replace(
+            retained, packed_pages=retained.packed_pages + 1
+        )
 
     def _stash_offset(self, request: Request) -> int | None:
         """The buffer offset of a chunked prompt's hidden states, decided at its first chunk."""

@@ -133,27 +133,6 @@ def test_pack_matches_reference_bit_for_bit(case, paged_kv, device):
         assert err < {2: 0.35, 4: 0.08}[bits]
 
 
-def test_pack_takes_its_group_count_from_the_device(paged_kv, device):
-    """With ``num_groups`` (a device scalar, as in captured decode steps) only that many
-    groups of a larger buffer are packed, through a reused scratch buffer; the rest of the
-    cache keeps its bytes, and the result equals packing those groups alone."""
-    paged = paged_kv([16 * 12], num_kv_heads=2, head_dim=64, block_size=16,
-                     dtype=torch.float32, seed=3)  # fmt: skip
-    layout = LowBitLayout.for_cache(paged.key_cache, 4, 32)
-    groups = _groups(paged, layout.blocks_per_page, seed=4)  # two groups of 5 blocks
-    original = paged.kv_cache.clone()
-    stage = torch.empty(8, page_views(paged.key_cache)[0].shape[1], dtype=torch.int32,
-                        device=device)  # fmt: skip
-    count = torch.tensor([1], dtype=torch.int32, device=device)
-    pack_kv(paged.key_cache, paged.value_cache, groups, layout, num_groups=count, stage=stage)
-    alone = original.clone()
-    alone_k, alone_v = alone.transpose(1, 2).split(64, dim=-1)
-    pack_kv(alone_k, alone_v, groups[:1], layout)
-    assert torch.equal(paged.kv_cache.view(torch.uint8), alone.view(torch.uint8))
-    second = groups[1, 0].long()
-    assert torch.equal(paged.kv_cache[second].view(torch.uint8), original[second].view(torch.uint8))
-
-
 def _pack_rows(paged, layout, pages_per_row: list[int]) -> torch.Tensor:
     """Pack the first ``pages_per_row[i] * R`` blocks of each row (as the engine does),
     returning the packed-page counts."""
@@ -217,9 +196,9 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stage
     scale = head_dim**-0.5
     args = (query, paged.key_cache, paged.value_cache, paged.block_table, qsl, lens, packed)
     marker = torch.full_like(query, 7.0)
-    # The splits' arrival counts: one buffer for two launches (as layers share it), left
-    # zero by each.
-    arrivals = torch.zeros(len(seq_lens) * heads + 3, dtype=torch.int32, device=device)
+    # The arrival counts: one buffer for two launches (as layers share it), left zero by
+    # each.
+    arrivals = torch.zeros(len(seq_lens) * (heads + 1) + 3, dtype=torch.int32, device=device)
     options = dict(scale=scale, layout=layout, splits=splits, tile_blocks=tile_blocks,
                    num_warps=num_warps, num_stages=num_stages, arrivals=arrivals)
     out = packed_decode_attention(*args, marker.clone(), **options)
@@ -247,6 +226,70 @@ def test_packed_decode_attention(case, splits, tile_blocks, num_warps, num_stage
         assert torch.allclose(ref[2 * i].float(), dense.to(dtype).float(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("splits", [None, 1, 7], ids=lambda v: f"splits{v}")
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"{c[0]}bit-h{c[1]}-d{c[2]}-b{c[3]}")
+def test_decode_attention_packs_pages_after_attending(case, splits, paged_kv, device,
+                                                      poison_empty):
+    """``pack_pages``: the launch attends as without it, then packs each asking row's page
+    (its R blocks from column ``p * R``) into the page's first block, bit for bit as the
+    reference packs it, and leaves every other byte of the cache alone: rows that pack
+    after attending over packed pages and over full-precision blocks only, a row left to
+    vLLM's attention (-1) that still packs, rows that do not pack, and a padding row.
+    Splits: the default, 1 (one program does all R blocks of its KV head), 7 (more
+    programs than blocks: some quantise none). The scratch pages start poisoned, and the
+    arrival counts are left zero."""
+    bits, heads, head_dim, block_size, value_group, dtype = case
+    layout_probe = LowBitLayout.for_cache(
+        torch.empty(1, block_size, heads, head_dim, dtype=dtype), bits, value_group
+    )
+    page_tokens = layout_probe.page_tokens
+    seq_lens = [2 * page_tokens + 5, page_tokens + block_size, page_tokens + 3, 40, 0]
+    pages_per_row = [1, -1, 0, 0, 0]
+    pack_pages = [1, 0, 0, -1, -1]
+    paged = paged_kv(seq_lens, num_kv_heads=heads, head_dim=head_dim, block_size=block_size,
+                     dtype=dtype, seed=11)  # fmt: skip
+    layout = LowBitLayout.for_cache(paged.key_cache, bits, value_group)
+    packed = _pack_rows(paged, layout, [max(n, 0) for n in pages_per_row])
+    packed[1] = -1
+    gen = torch.Generator().manual_seed(12)
+    query = torch.randn(len(seq_lens), 2 * heads, head_dim, generator=gen).to(dtype).to(device)
+    qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=device)
+    qsl[-1] = qsl[-2]  # the last row is padding
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    pack = torch.tensor(pack_pages, dtype=torch.int32, device=device)
+    scale = head_dim**-0.5
+    original = paged.kv_cache.clone()
+    ref_cache = paged.kv_cache.clone()
+    ref_k, ref_v = ref_cache.transpose(1, 2).split(head_dim, dim=-1)
+    ref = packed_decode_attention_ref(query, ref_k, ref_v, paged.block_table, qsl, lens,
+                                      packed, torch.zeros_like(query), scale=scale,
+                                      layout=layout, pack_pages=pack)  # fmt: skip
+    words = page_views(paged.key_cache)[0]
+    stage = torch.full((len(seq_lens) + 2, words.shape[1]), -7, dtype=torch.int32,
+                       device=device)  # fmt: skip
+    arrivals = torch.zeros(len(seq_lens) * (heads + 1), dtype=torch.int32, device=device)
+    out = packed_decode_attention(query, paged.key_cache, paged.value_cache, paged.block_table,
+                                  qsl, lens, packed, torch.zeros_like(query), scale=scale,
+                                  layout=layout, splits=splits, arrivals=arrivals,
+                                  pack_pages=pack, stage=stage)  # fmt: skip
+    assert (arrivals == 0).all()
+    assert torch.equal(paged.kv_cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    rows = [0, 2, 3]
+    err = (out[rows].float() - ref[rows].float()).norm() / ref[rows].float().norm()
+    assert err < TOLERANCE[dtype], err
+    assert (out[1] == 0).all()  # left to vLLM's attention
+    # The packed pages hold what their blocks held, within the quantisation error.
+    per_page = layout.blocks_per_page
+    orig_k, orig_v = original.transpose(1, 2).split(head_dim, dim=-1)
+    for i, p in ((0, 1), (1, 0), (2, 0)):
+        src = paged.block_table[i, p * per_page : (p + 1) * per_page].long()
+        keys, values = unpack_pages_ref(paged.key_cache, src[:1], layout)
+        for unpacked, orig in ((keys, orig_k), (values, orig_v)):
+            expected = orig[src].float().flatten(0, 1)  # [R * block, heads, dim]
+            err = (unpacked[0] - expected).abs().max() / expected.abs().max()
+            assert err < {2: 0.35, 4: 0.08}[bits]
+
+
 # Compiles both kernels for an H100 (sm_90) with Triton's bundled ptxas, no GPU needed, at
 # Llama-3.1-8B head shapes with a bf16 or fp16 cache (the CPU tests run fp32 dots in the
 # interpreter; this checks that the GPU's 16-bit variants build, and that they dequantise
@@ -272,18 +315,19 @@ shape = dict(BITS=bits, BLOCK=16, DIM=128, NUM_HEADS=8, HEAD_WORDS=layout.head_b
 tile_blocks = int(sys.argv[2])
 kernels = [
     (quantization._pack_kernel, dict(key_ptr=cache, value_ptr=cache, src_ptr="*i32",
-     stage_words_ptr="*i32", stage_halves_ptr="*fp16", count_ptr="*i32"),
-     dict(shape, GROUP=32, HAS_COUNT=True), {}),
+     stage_words_ptr="*i32", stage_halves_ptr="*fp16"), dict(shape, GROUP=32), {}),
     (quantization._copy_pages_kernel, dict(words_ptr="*i32", stage_ptr="*i32",
-     src_ptr="*i32", count_ptr="*i32"), dict(BLOCK=1024, HAS_COUNT=True), {}),
+     src_ptr="*i32"), dict(BLOCK=1024), {}),
     (packed_attention._packed_decode_kernel, dict(query_ptr=cache, key_ptr=cache,
      value_ptr=cache, words_ptr="*i32", halves_ptr="*fp16", block_table_ptr="*i32",
      qsl_ptr="*i32", seq_lens_ptr="*i32", packed_ptr="*i32", part_max_ptr="*fp32",
-     part_sum_ptr="*fp32", part_acc_ptr="*fp32", arrivals_ptr="*i32", out_ptr=cache),
+     part_sum_ptr="*fp32", part_acc_ptr="*fp32", arrivals_ptr="*i32", out_ptr=cache,
+     pack_ptr="*i32", stage_ptr="*i32", stage_halves_ptr="*fp16"),
      dict(shape, VGROUP=32, R=layout.blocks_per_page, G_PAD=16, TILE_BLOCKS=tile_blocks,
           TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
           DOT_DTYPE={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype],
-          DOT_PRECISION="tf32", MERGE_G_PAD=4, SPLITS_PAD=16),
+          DOT_PRECISION="tf32", MERGE_G_PAD=4, SPLITS_PAD=16,
+          USED_WORDS=layout.used_page_words, COPY_BLOCK=packed_attention.PAGE_COPY_WORDS),
      dict(maxnreg=packed_attention.MAX_REGISTERS)),  # as packed_decode_attention launches it
 ]
 for kernel, pointers, constexprs, launch_options in kernels:
@@ -326,7 +370,7 @@ from triton.compiler import make_backend
 from triton.runtime.jit import compute_cache_key, create_function_from_signature
 from vllm_fastkv.kernels import packed_attention, quantization
 from vllm_fastkv.kernels.packed_attention import splits_for
-from vllm_fastkv.packed_layout import LowBitLayout
+from vllm_fastkv.packed_layout import LowBitLayout, page_views
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
 keys = {}
@@ -351,19 +395,20 @@ kv = torch.zeros(64, 16, 8, 256, dtype=torch.bfloat16)
 key_cache, value_cache = kv.split(128, dim=-1)
 layout = LowBitLayout.for_cache(key_cache, 2, 32)
 max_rows = 24
-pack_src = torch.zeros(max_rows, layout.blocks_per_page, dtype=torch.int32)
 block_table = torch.zeros(max_rows, 32, dtype=torch.int32)
+stage = torch.zeros(max_rows, page_views(key_cache)[0].shape[1], dtype=torch.int32)
 for rows in range(1, max_rows + 1):
-    # Splits as decode_splits picks them on a 132-multiprocessor GPU, and 1 and 16.
+    # Splits as decode_splits picks them on a 132-multiprocessor GPU, and 1 and 16; a
+    # launch packing pages and one packing none.
     for splits in {1, 16, splits_for(rows, 8, 132)}:
         query = torch.zeros(rows, 32, 128, dtype=torch.bfloat16)
         ones = torch.ones(rows, dtype=torch.int32)
-        packed_attention.packed_decode_attention(
-            query, key_cache, value_cache, block_table, torch.arange(rows + 1, dtype=torch.int32),
-            ones, ones, query.clone(), scale=0.1, layout=layout, splits=splits)
-    quantization.pack_kv(key_cache, value_cache, pack_src, layout,
-                         num_groups=torch.ones(1, dtype=torch.int32),
-                         stage=torch.zeros(max_rows, 4096, dtype=torch.int32))
+        for pack_pages in (None, ones - 2):
+            packed_attention.packed_decode_attention(
+                query, key_cache, value_cache, block_table,
+                torch.arange(rows + 1, dtype=torch.int32), ones, ones, query.clone(),
+                scale=0.1, layout=layout, splits=splits, pack_pages=pack_pages, stage=stage)
+    quantization.pack_kv(key_cache, value_cache, block_table[:rows, :4], layout)
 print(sorted((name, len(found)) for name, found in keys.items()))
 """
 

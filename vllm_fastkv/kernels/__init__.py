@@ -9,7 +9,8 @@
   the leading blocks can be freed.
 * :func:`pack_kv`: quantises groups of full-precision blocks to 2/4 bits into one page
   each (Triton; layout in :mod:`vllm_fastkv.packed_layout`), and
-  :func:`packed_decode_attention` decodes over such pages plus full-precision blocks.
+  :func:`packed_decode_attention` decodes over such pages plus full-precision blocks (and
+  packs a decoding row's next page in the same launch).
 
 Each has a plain-torch oracle with the same signature in
 :mod:`vllm_fastkv.kernels.reference` (``*_ref``). This package imports torch and triton

@@ -28,6 +28,13 @@ balanced whatever the mix), each leaves its running max, normaliser and unnormal
 output in a scratch buffer, and the last of them to finish merges them all (an arrival
 count per (row, KV head), as in split-K matrix products), so one launch does it all.
 
+The same launch packs a decoding row's next page when the step's token completes it
+(``pack_pages``): after attending, each program quantises its share of the page's blocks
+into a scratch page, and the row's last program copies that over the page. So a decode
+step has no packing launch of its own (two launches, every step, captured in the CUDA
+graph whether a page was due or not, before this), and the next step attends over the
+page packed, as if it had been packed before it.
+
 Semantics: :func:`vllm_fastkv.kernels.reference.packed_decode_attention_ref`.
 """
 
@@ -40,7 +47,12 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_fastkv.kernels.quantization import check_kernel_layout
+from vllm_fastkv.kernels.quantization import (
+    _copy_words,
+    _pack_block_head,
+    _stage_head_region,
+    check_kernel_layout,
+)
 from vllm_fastkv.packed_layout import LowBitLayout, page_views
 
 # tl.dot needs at least 16 rows; a KV head's query group is padded to this.
@@ -70,6 +82,10 @@ MAX_REGISTERS = 128
 #: asked for explicitly), so every batch size shares one variant.
 MAX_SPLITS = 16
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+#: int32 words the program that finishes a page packed after attention copies at a time
+#: (16 KiB, 32 registers a thread at 4 warps): a 2-bit Llama-3.1-8B page is 14,336 words,
+#: four round trips through L2 instead of fourteen at the packing launch's 1,024.
+PAGE_COPY_WORDS = 4096
 
 
 @triton.jit
@@ -215,6 +231,7 @@ def _attended_row(packed_ptr, qsl_ptr, row):
 def _packed_decode_kernel(
     query_ptr, key_ptr, value_ptr, words_ptr, halves_ptr, block_table_ptr, qsl_ptr,
     seq_lens_ptr, packed_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, arrivals_ptr, out_ptr,
+    pack_ptr, stage_ptr, stage_halves_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -226,11 +243,15 @@ def _packed_decode_kernel(
     VALUE_SCALE: tl.constexpr, VALUE_MIN: tl.constexpr, G_PAD: tl.constexpr,
     TILE_BLOCKS: tl.constexpr, TILES_PER_PAGE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MERGE_G_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    MERGE_G_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, USED_WORDS: tl.constexpr,
+    COPY_BLOCK: tl.constexpr,
 ):
     """Program (row, KV head, split): that split's tiles of the row for the KV head's query
     heads; writes the partial max / sum / output of each query head, and the last split of
-    the (row, KV head) to finish merges them all into ``out``.
+    the (row, KV head) to finish merges them all into ``out``. Then, if the row packs a
+    page after attending (``pack[row] >= 0``), the split's share of that page's blocks for
+    the KV head, into the row's scratch page; the row's last program to finish copies it
+    over the page's first block (:func:`_pack_after_attention`).
 
     Merging here rather than in a second launch saves that launch and its wait for this
     one's last program (5.1 us a layer on an H200 at batch 16, docs/BENCHMARKS.md, against
@@ -314,7 +335,10 @@ def _packed_decode_kernel(
         # Full-precision blocks after the packed pages, the same split's share of them,
         # a block a step: wider gathered tiles cost registers (255 for 4-block tiles,
         # 168 for 2, on sm_90) that every packed tile would pay for in occupancy.
-        first = num_pages * R * BLOCK + split * BLOCK
+        # The block after the last packed tile goes to the split after that tile's, so
+        # the splits' shares of tiles and blocks together differ by at most one.
+        first_split = (num_pages * TILES_PER_PAGE) % splits
+        first = num_pages * R * BLOCK + ((split - first_split + splits) % splits) * BLOCK
         for start in range(first, seq_len, splits * BLOCK):
             block = tl.load(row_ptr + start // BLOCK).to(tl.int64)
             valid = start + tok < seq_len
@@ -342,6 +366,61 @@ def _packed_decode_kernel(
             _merge_splits(part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, token, h,
                           row.to(tl.int64), stride_ot, stride_oh, stride_od, group,
                           num_q_heads, splits, DIM, MERGE_G_PAD, SPLITS_PAD)
+    pack_page = tl.load(pack_ptr + row)
+    if pack_page >= 0:
+        _pack_after_attention(
+            key_ptr, value_ptr, words_ptr, block_table_ptr, arrivals_ptr, stage_ptr,
+            stage_halves_ptr, row, h, split, splits, pack_page,
+            stride_kb, stride_ks, stride_kh, stride_kd,
+            stride_vb, stride_vs, stride_vh, stride_vd, stride_bt, page_words,
+            BITS, BLOCK, DIM, VGROUP, NUM_HEADS, R, HEAD_WORDS, VALUE_CODES, KEY_SCALE,
+            KEY_MIN, VALUE_SCALE, VALUE_MIN, USED_WORDS, COPY_BLOCK,
+        )  # fmt: skip
+
+
+@triton.jit
+def _pack_after_attention(
+    key_ptr, value_ptr, words_ptr, block_table_ptr, arrivals_ptr, stage_ptr, stage_halves_ptr,
+    row, h, split, splits, pack_page,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd, stride_bt, page_words,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, VGROUP: tl.constexpr,
+    NUM_HEADS: tl.constexpr, R: tl.constexpr, HEAD_WORDS: tl.constexpr,
+    VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr,
+    VALUE_SCALE: tl.constexpr, VALUE_MIN: tl.constexpr, USED_WORDS: tl.constexpr,
+    COPY_BLOCK: tl.constexpr,
+):
+    """Pack page ``pack_page`` of ``row`` (the ``R`` blocks from column ``pack_page * R``
+    of its block table) into the first of them, as :func:`~vllm_fastkv.kernels.pack_kv`
+    does in two launches: this program quantises blocks ``split, split + splits, ...`` of
+    KV head ``h`` into the row's scratch page; the last of the row's
+    ``NUM_HEADS x splits`` programs to get here copies the scratch page over the page.
+
+    Every program of the row has finished reading the cache when it arrives (its
+    attention's results are stored, its blocks quantised), and only this row's programs
+    read these blocks, so the page is written after its last read: a decode step packs
+    its pages without a launch of its own. The arrival count (int32, after the
+    per-(row, KV head) counts) is zero on entry and left zero.
+    """
+    row_ptr = block_table_ptr + row.to(tl.int64) * stride_bt + pack_page * R
+    for r in range(split, R, splits):
+        block = tl.load(row_ptr + r).to(tl.int64)
+        words_out, halves_out = _stage_head_region(stage_ptr, stage_halves_ptr, row, r, h,
+                                                   page_words, NUM_HEADS, HEAD_WORDS)
+        _pack_block_head(key_ptr, value_ptr, block, h, words_out, halves_out,
+                         stride_kb, stride_ks, stride_kh, stride_kd,
+                         stride_vb, stride_vs, stride_vh, stride_vd,
+                         BITS, BLOCK, DIM, VGROUP, VALUE_CODES, KEY_SCALE, KEY_MIN,
+                         VALUE_SCALE, VALUE_MIN)  # fmt: skip
+    # As in the split merge: every thread's stores, then one thread's count.
+    tl.debug_barrier()
+    count = arrivals_ptr + tl.num_programs(0) * NUM_HEADS + row
+    if tl.atomic_add(count, 1, sem="acq_rel") == NUM_HEADS * splits - 1:
+        tl.store(count, 0)
+        page = tl.load(row_ptr).to(tl.int64)
+        stage = stage_ptr + row.to(tl.int64) * page_words
+        for start in range(0, USED_WORDS, COPY_BLOCK):
+            _copy_words(words_ptr + page * page_words, stage, start, USED_WORDS, COPY_BLOCK)
 
 
 @triton.jit
@@ -435,8 +514,11 @@ def packed_decode_attention(
     num_stages: int | None = None,
     max_registers: int | None = None,
     arrivals: torch.Tensor | None = None,
+    pack_pages: torch.Tensor | None = None,
+    stage: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention of the rows this kernel attends, written into ``output``.
+    """Decode attention of the rows this kernel attends, written into ``output``; then
+    the pages ``pack_pages`` asks for packed, in the same launch.
 
     Args:
         query, output: ``[num_tokens, num_q_heads, head_dim]``; row ``i``'s query is token
@@ -460,10 +542,18 @@ def packed_decode_attention(
         num_stages: pipeline stages of the tile loop (default ``DEFAULT_NUM_STAGES``).
         max_registers: registers a thread may use (default ``MAX_REGISTERS``); fewer let
             more programs share a multiprocessor, at the price of spills.
-        arrivals: int32 ``[>= rows * num_kv_heads]``, all zero, and left all zero: the
-            splits' arrival counts (a persistent buffer for the serving path, see
+        arrivals: int32 ``[>= rows * (num_kv_heads + 1)]``, all zero, and left all zero:
+            the splits' arrival counts per (row, KV head), then the rows' for packing (a
+            persistent buffer for the serving path, see
             :class:`~vllm_fastkv.kv_quantization.PackedRows`; default a fresh one, at the
             price of a memset).
+        pack_pages: int32 ``[>= rows]``: ``p >= 0`` packs row ``i``'s page ``p`` (its
+            blocks at columns ``p * R .. p * R + R - 1``, into the first) after the row's
+            attention, whether or not the row is attended here; -1: nothing (default: no
+            row). This is how a decoding request's next page is packed: at the end of
+            the step whose token completes it, so the next step attends over it packed.
+        stage: int32 ``[>= rows, page_words]`` scratch pages for ``pack_pages`` (default
+            allocated when a row packs).
 
     The grid is ``rows x num_kv_heads x splits`` whatever the packed rows are, so the
     launch can be captured in a CUDA graph and replayed with other lengths and page
@@ -482,12 +572,22 @@ def packed_decode_attention(
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(rows, num_q_heads, splits, layout.head_dim, dtype=torch.float32,
                            device=query.device)  # fmt: skip
+    counts = rows * (layout.num_kv_heads + 1)
     if arrivals is None:
-        arrivals = torch.zeros(rows * layout.num_kv_heads, dtype=torch.int32,
-                               device=query.device)  # fmt: skip
-    elif arrivals.dtype != torch.int32 or arrivals.numel() < rows * layout.num_kv_heads:
-        raise ValueError(f"arrivals must be int32 with at least {rows * layout.num_kv_heads} "
-                         f"entries, got {arrivals.dtype} [{arrivals.numel()}]")
+        arrivals = torch.zeros(counts, dtype=torch.int32, device=query.device)
+    elif arrivals.dtype != torch.int32 or arrivals.numel() < counts:
+        raise ValueError(f"arrivals must be int32 with at least {counts} entries, got "
+                         f"{arrivals.dtype} [{arrivals.numel()}]")
+    if pack_pages is None:
+        pack_pages = torch.full((rows,), -1, dtype=torch.int32, device=query.device)
+        stage = words[:1]  # never read or written
+    elif stage is None:
+        stage = torch.empty(rows, words.shape[1], dtype=torch.int32, device=query.device)
+    elif stage.dtype != torch.int32 or stage.shape[0] < rows or stage.stride() != (
+        words.shape[1], 1
+    ):
+        raise ValueError(f"stage must be contiguous int32 [>= {rows}, {words.shape[1]}], "
+                         f"got {stage.dtype} {list(stage.shape)}")
     g_pad = max(triton.next_power_of_2(group), _MIN_DOT_ROWS)
     tile_blocks = tile_blocks or min(DEFAULT_TILE_BLOCKS,
                                      triton.next_power_of_2(layout.blocks_per_page))
@@ -499,7 +599,8 @@ def packed_decode_attention(
     dot_dtype = _DOT_DTYPES.get(key_cache.dtype) if key_cache.is_cuda else None
     _packed_decode_kernel[(rows, layout.num_kv_heads, splits)](
         query, key_cache, value_cache, words, halves, block_table, query_start_loc, seq_lens,
-        packed_pages, part_max, part_sum, part_acc, arrivals, output,
+        packed_pages, part_max, part_sum, part_acc, arrivals, output, pack_pages, stage,
+        stage.view(torch.float16),
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *output.stride(),
         block_table.stride(0), words.shape[1], group, num_q_heads, scale * math.log2(math.e),
         splits,
@@ -512,6 +613,7 @@ def packed_decode_attention(
         DOT_DTYPE=dot_dtype or tl.float32, DOT_PRECISION="ieee" if dot_dtype is None else "tf32",
         MERGE_G_PAD=triton.next_power_of_2(group),
         SPLITS_PAD=triton.next_power_of_2(max(splits, MAX_SPLITS)),
+        USED_WORDS=layout.used_page_words, COPY_BLOCK=PAGE_COPY_WORDS,
         num_warps=num_warps or DEFAULT_NUM_WARPS,
         num_stages=num_stages or DEFAULT_NUM_STAGES, maxnreg=max_registers or MAX_REGISTERS,
     )  # fmt: skip

@@ -8,9 +8,11 @@ minimum) into the page of each group's first block, in the layout of
 Why two launches: a group's page is also its first source block, and programs of one
 launch run in no particular order, so launch 1 only reads the cache and writes each
 group's packed page to a scratch buffer, and launch 2 copies the scratch pages into the
-cache (every read is done before any page is written). Both can take the group count
-from a device buffer (programs past it return), so decode steps captured in CUDA graphs
-pack however many pages the step's metadata asks for.
+cache (every read is done before any page is written). That is the prompt's packing, at
+compression. A decoding request's next page is packed inside the decode attention launch
+instead (:func:`vllm_fastkv.kernels.packed_decode_attention`, ``pack_pages``), with the
+same per-block quantisation (:func:`_pack_block_head`) and copy (:func:`_copy_words`), so
+decode steps launch nothing for it.
 
 Arithmetic is that of :func:`vllm_fastkv.reference.quantization.quantize_groups_ref`
 (and :func:`vllm_fastkv.kernels.reference.pack_kv_ref`), bit for bit: fp32
@@ -48,28 +50,20 @@ def _codes(x, scale, minimum, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _pack_kernel(
-    key_ptr, value_ptr, src_ptr, stage_words_ptr, stage_halves_ptr,
+def _pack_block_head(
+    key_ptr, value_ptr, block, h, words_out, halves_out,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_src, page_words, count_ptr,
     BITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr,
-    NUM_HEADS: tl.constexpr, HEAD_WORDS: tl.constexpr, VALUE_CODES: tl.constexpr,
-    KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr, VALUE_SCALE: tl.constexpr,
-    VALUE_MIN: tl.constexpr, HAS_COUNT: tl.constexpr,
+    VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr,
+    VALUE_SCALE: tl.constexpr, VALUE_MIN: tl.constexpr,
 ):
-    """Program (group g, sub-block r, head h): block ``src[g, r]``, head ``h`` into the
-    ``(r, h)`` region of group ``g``'s scratch page (nothing for ``g >= count``)."""
-    g = tl.program_id(0)
-    r = tl.program_id(1)
-    h = tl.program_id(2)
-    if HAS_COUNT:
-        if g >= tl.load(count_ptr):
-            return
+    """Block ``block``, KV head ``h``: quantised into the head region whose words start
+    at ``words_out`` (and whose fp16 halves at ``halves_out``). Shared by the packing
+    launch and the decode kernel, which packs a decode page after attending."""
     PER_WORD: tl.constexpr = 32 // BITS
     LEVELS: tl.constexpr = (1 << BITS) - 1
     NG: tl.constexpr = DIM // GROUP
-    block = tl.load(src_ptr + g * stride_src + r).to(tl.int64)
     tok = tl.arange(0, BLOCK)
     dim = tl.arange(0, DIM)
     keys = tl.load(key_ptr + block * stride_kb + tok[:, None] * stride_ks + h * stride_kh
@@ -77,9 +71,6 @@ def _pack_kernel(
     values = tl.load(value_ptr + block * stride_vb + tok[:, None] * stride_vs + h * stride_vh
                      + dim[None, :] * stride_vd).to(tl.float32)
     shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
-    head_start = (r * NUM_HEADS + h).to(tl.int64) * HEAD_WORDS
-    words_out = stage_words_ptr + g.to(tl.int64) * page_words + head_start
-    halves_out = stage_halves_ptr + 2 * (g.to(tl.int64) * page_words + head_start)
 
     # Keys: one group per channel over the block's tokens; words run along tokens.
     k_scale, k_min = _quantize(tl.min(keys, axis=0), tl.max(keys, axis=0), LEVELS)
@@ -111,23 +102,64 @@ def _pack_kernel(
 
 
 @triton.jit
+def _stage_head_region(stage_words_ptr, stage_halves_ptr, page, r, h, page_words,
+                       NUM_HEADS: tl.constexpr, HEAD_WORDS: tl.constexpr):
+    """Word and fp16 pointers of sub-block ``r``, head ``h``'s region of scratch page
+    ``page`` (``page_words`` int32 words a page)."""
+    start = page.to(tl.int64) * page_words + (r * NUM_HEADS + h).to(tl.int64) * HEAD_WORDS
+    return stage_words_ptr + start, stage_halves_ptr + 2 * start
+
+
+@triton.jit
+def _pack_kernel(
+    key_ptr, value_ptr, src_ptr, stage_words_ptr, stage_halves_ptr,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_src, page_words,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, GROUP: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_WORDS: tl.constexpr, VALUE_CODES: tl.constexpr,
+    KEY_SCALE: tl.constexpr, KEY_MIN: tl.constexpr, VALUE_SCALE: tl.constexpr,
+    VALUE_MIN: tl.constexpr,
+):
+    """Program (group g, sub-block r, head h): block ``src[g, r]``, head ``h`` into the
+    ``(r, h)`` region of group ``g``'s scratch page."""
+    g = tl.program_id(0)
+    r = tl.program_id(1)
+    h = tl.program_id(2)
+    block = tl.load(src_ptr + g * stride_src + r).to(tl.int64)
+    words_out, halves_out = _stage_head_region(stage_words_ptr, stage_halves_ptr, g, r, h,
+                                               page_words, NUM_HEADS, HEAD_WORDS)
+    _pack_block_head(key_ptr, value_ptr, block, h, words_out, halves_out,
+                     stride_kb, stride_ks, stride_kh, stride_kd,
+                     stride_vb, stride_vs, stride_vh, stride_vd,
+                     BITS, BLOCK, DIM, GROUP, VALUE_CODES, KEY_SCALE, KEY_MIN, VALUE_SCALE,
+                     VALUE_MIN)  # fmt: skip
+
+
+@triton.jit
+def _copy_words(dst_ptr, src_ptr, start, count, BLOCK: tl.constexpr):
+    """Words ``[start, start + BLOCK)`` (those below ``count``) of ``src`` into ``dst``.
+    Read through L2 (``.cg``): the decode kernel copies scratch pages that other
+    programs of the same launch wrote."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < count
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask, cache_modifier=".cg"),
+             mask=mask)
+
+
+@triton.jit
 def _copy_pages_kernel(
-    words_ptr, stage_ptr, src_ptr, count_ptr, stride_src, page_words, used_words,
-    BLOCK: tl.constexpr, HAS_COUNT: tl.constexpr,
+    words_ptr, stage_ptr, src_ptr, stride_src, page_words, used_words, BLOCK: tl.constexpr,
 ):
     """Program (group g, tile): scratch page ``g``'s words into page ``src[g, 0]``."""
     g = tl.program_id(0)
-    if HAS_COUNT:
-        if g >= tl.load(count_ptr):
-            return
     page = tl.load(src_ptr + g * stride_src).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < used_words
-    data = tl.load(stage_ptr + g.to(tl.int64) * page_words + offs, mask=mask)
-    tl.store(words_ptr + page * page_words + offs, data, mask=mask)
+    _copy_words(words_ptr + page * page_words, stage_ptr + g.to(tl.int64) * page_words,
+                tl.program_id(1) * BLOCK, used_words, BLOCK)
 
 
-_COPY_BLOCK = 1024
+#: int32 words a program copies at a time from a scratch page into the cache.
+COPY_BLOCK = 1024
 
 
 def check_kernel_layout(layout: LowBitLayout) -> None:
@@ -150,9 +182,6 @@ def pack_kv(
     value_cache: torch.Tensor,
     src_blocks: torch.Tensor,
     layout: LowBitLayout,
-    *,
-    num_groups: torch.Tensor | None = None,
-    stage: torch.Tensor | None = None,
 ) -> None:
     """Quantise each group of full-precision blocks into its first block's page, in place.
 
@@ -163,9 +192,6 @@ def pack_kv(
             blocks in logical order; the packed page is written over ``src_blocks[g, 0]``.
             No block may appear in two groups.
         layout: the packed layout of these pages.
-        num_groups: int32 ``[1]`` on the device: pack only the first that many groups
-            (``None``: all ``n``). The launches do not depend on it (CUDA graphs).
-        stage: int32 scratch ``[>= n, page_words]`` to reuse (``None``: allocated).
     """
     check_kernel_layout(layout)
     groups = src_blocks.shape[0]
@@ -175,23 +201,19 @@ def pack_kv(
         return
     words, _ = page_views(key_cache)
     page_words = words.shape[1]
-    if stage is None:
-        stage = torch.empty(groups, page_words, dtype=torch.int32, device=words.device)
-    used_words = layout.blocks_per_page * layout.subblock_bytes // 4
-    has_count = num_groups is not None
-    count = num_groups if has_count else src_blocks  # never read without a count
+    stage = torch.empty(groups, page_words, dtype=torch.int32, device=words.device)
     key_scale, key_min, value_scale, value_min = layout.scale_offsets()
     _pack_kernel[(groups, layout.blocks_per_page, layout.num_kv_heads)](
         key_cache, value_cache, src_blocks, stage, stage.view(torch.float16),
-        *key_cache.stride(), *value_cache.stride(), src_blocks.stride(0), page_words, count,
+        *key_cache.stride(), *value_cache.stride(), src_blocks.stride(0), page_words,
         BITS=layout.bits, BLOCK=layout.block_size, DIM=layout.head_dim,
         GROUP=layout.value_group, NUM_HEADS=layout.num_kv_heads,
         HEAD_WORDS=layout.head_bytes // 4, VALUE_CODES=layout.value_codes_offset,
         KEY_SCALE=key_scale, KEY_MIN=key_min, VALUE_SCALE=value_scale, VALUE_MIN=value_min,
-        HAS_COUNT=has_count,
     )  # fmt: skip
     # Launch order on the stream is the safety argument: every source block was read.
-    _copy_pages_kernel[(groups, triton.cdiv(used_words, _COPY_BLOCK))](
-        words, stage, src_blocks, count, src_blocks.stride(0), page_words, used_words,
-        BLOCK=_COPY_BLOCK, HAS_COUNT=has_count,
+    used_words = layout.used_page_words
+    _copy_pages_kernel[(groups, triton.cdiv(used_words, COPY_BLOCK))](
+        words, stage, src_blocks, src_blocks.stride(0), page_words, used_words,
+        BLOCK=COPY_BLOCK,
     )  # fmt: skip

@@ -337,21 +337,15 @@ def pack_kv_ref(
     value_cache: torch.Tensor,
     src_blocks: torch.Tensor,
     layout: LowBitLayout,
-    *,
-    num_groups: torch.Tensor | None = None,
-    stage: torch.Tensor | None = None,
 ) -> None:
     """In place: the ``R`` full-precision blocks ``src_blocks[g]`` (``[n, R]``, in logical
-    order; the first ``num_groups`` of them if given) are quantised into the page of
-    ``src_blocks[g, 0]``. ``stage`` is accepted for the kernel's signature and unused.
+    order) are quantised into the page of ``src_blocks[g, 0]``.
 
     Every group's blocks are read before any page is written, so a page may be one of its
     own sources (it always is: the first). Keys: per channel over each block's tokens;
     values: per token over ``layout.value_group`` channels.
     """
     words, halves = page_views(key_cache)
-    if num_groups is not None:
-        src_blocks = src_blocks[: int(num_groups.reshape(-1)[0])]
     groups = src_blocks.long().tolist()
     blocks = [
         (key_cache[row].float().clone(), value_cache[row].float().clone())
@@ -410,15 +404,19 @@ def packed_decode_attention_ref(
     *,
     scale: float,
     layout: LowBitLayout,
+    pack_pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention of the rows with ``packed_pages[i] = n >= 0``, into ``output``.
+    """Decode attention of the rows with ``packed_pages[i] = n >= 0``, into ``output``;
+    then, for every row with ``pack_pages[i] = p >= 0``, its page ``p`` packed in place.
 
     Such a row has one query, ``query[query_start_loc[i]]`` (``[num_q_heads,
     head_dim]``), and ``seq_lens[i]`` visible tokens: the first ``n * R * block_size`` in the
     packed pages ``block_table[i, k * R]`` (``k < n``), the rest in full-precision blocks
     from column ``n * R`` on. Writes that query's output row (zeros without a visible
     token); rows with ``n == -1`` or without a query (batch padding) are left untouched.
-    Softmax and products in fp32.
+    Softmax and products in fp32. Packing after attending: blocks ``block_table[i, p * R
+    + r]`` (``r < R``) into the page of the first (:func:`pack_kv_ref`), whether or not
+    the row was attended here.
     """
     group = query.shape[1] // key_cache.shape[2]
     page_tokens = layout.page_tokens
@@ -441,4 +439,10 @@ def packed_decode_attention_ref(
         v = values.transpose(0, 1).repeat_interleave(group, dim=0)
         probs = torch.softmax(torch.einsum("hd,hsd->hs", q, k) * scale, dim=-1)
         output[starts[i]] = torch.einsum("hs,hsd->hd", probs, v).to(output.dtype)
+    if pack_pages is not None:
+        per_page = layout.blocks_per_page
+        groups = [block_table[i, p * per_page : (p + 1) * per_page]
+                  for i, p in enumerate(pack_pages.tolist()) if p >= 0]  # fmt: skip
+        if groups:
+            pack_kv_ref(key_cache, value_cache, torch.stack(groups), layout)
     return output
