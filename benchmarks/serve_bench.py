@@ -14,10 +14,15 @@ run on one machine, and writes one JSON record per measurement.
 Method (wall clock around ``LLM.generate``, after a warm-up; fresh random token-id
 prompts for every measurement, so prefix caching never hides prefill):
 - TTFT: median over ``--reps`` of ``generate(prompt, max_tokens=1)`` at batch 1.
-- decode: for batch B, ``t1 = generate(B prompts, max_tokens=1)`` and
-  ``tN = generate(B other prompts, max_tokens=1 + N)``; TPOT = (tN - t1) / N and
-  output throughput = B * N / (tN - t1). A batch whose KV does not fit the pool runs in
-  waves, as a server would run it (``fits_kv_pool`` says so).
+- decode: B prompts with ``max_tokens=1 + N`` are added to the engine, which is stepped
+  until every request has its first token (``prefill_s``) and then until all are done;
+  TPOT = decode time / N and output throughput = B * N / decode time, the decode time
+  being the wall time of those later steps (each one token of every request; their
+  trace is summarised as ``decode_step_ms``). Timing the decode steps themselves, not
+  subtracting a ``max_tokens=1`` run from a ``1 + N`` run: at 16 x 32K each of those
+  takes ~19 s, and their prefills' jitter (0.1-0.2 s) moved TPOT by 1-1.5 ms. A batch
+  whose KV does not fit the pool runs in waves, as a server would run it
+  (``fits_kv_pool`` says so).
 - KV blocks: the scheduler's free-block count is read after every scheduling step;
   peak use = total - minimum free. max_concurrent = requests of (prompt + output)
   tokens that the KV pool holds, from the number of blocks the engine allocated.
@@ -220,9 +225,10 @@ def run_worker(args: argparse.Namespace) -> None:
         # the whole prompt's blocks while it prefills, so the pool check stays on those.
         held_blocks = per_request_blocks - _freed_blocks(llm, args, prompt_len, block_size)
         for batch in args.batches:
-            t_prefill = _timed(llm, _prompts(rng, batch, prompt_len, vocab), 1)
             watcher.reset()
-            t_full = _timed(llm, _prompts(rng, batch, prompt_len, vocab), 1 + n)
+            t_prefill, t_full, steps_ms = measure_decode(
+                llm, _prompts(rng, batch, prompt_len, vocab), n
+            )
             decode_s = max(t_full - t_prefill, 1e-9)
             emit(
                 kind="decode",
@@ -231,6 +237,9 @@ def run_worker(args: argparse.Namespace) -> None:
                 output_tokens=n,
                 tpot_ms=round(1000 * decode_s / n, 3),
                 output_tok_s=round(batch * n / decode_s, 1),
+                decode_step_ms={"steps": len(steps_ms),
+                                "median": round(statistics.median(steps_ms), 3),
+                                "max": max(steps_ms)},  # fmt: skip
                 prefill_s=round(t_prefill, 3),
                 prefill_tok_s=round(batch * prompt_len / t_prefill, 1),
                 total_s=round(t_full, 3),
@@ -257,6 +266,36 @@ def run_worker(args: argparse.Namespace) -> None:
         result = measure_concurrency(llm, prompts, args.concurrency_max_tokens, args.stall_steps)
         emit(kind="concurrency", prompt_len=prompt_len, batch=args.concurrency_requests,
              peak_kv_blocks=watcher.peak_used, **result)
+
+
+def measure_decode(llm, prompts, tokens: int) -> tuple[float, float, list[float]]:
+    """Seconds until every request has its first token and until all have ``1 + tokens``
+    (both from when they were added), and the wall time of each step in between (ms).
+
+    The engine is stepped directly (as ``LLM.generate`` does), so the decode is the span
+    between those two moments, not the difference of two separate runs."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=1 + tokens, ignore_eos=True)
+    ids = [f"decode-{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
+    start = time.perf_counter()
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
+    started: set[str] = set()
+    while len(started) < len(ids):
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    prefilled = time.perf_counter()
+    steps_ms: list[float] = []
+    finished: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        for out in _timed_step(engine, steps_ms):
+            if out.finished:
+                finished[out.request_id] = len(out.outputs[0].token_ids)
+    done = time.perf_counter()
+    if finished != dict.fromkeys(ids, 1 + tokens):
+        raise RuntimeError(f"decode run ended with {finished} tokens, not {1 + tokens} each")
+    return prefilled - start, done - start, steps_ms
 
 
 def profile_prefill(llm, prompts, top: int = 25) -> dict:
