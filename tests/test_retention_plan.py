@@ -141,3 +141,43 @@ def test_final_chunk_is_at_least_the_window(computed, scheduled, expected):
     request = SimpleNamespace(num_computed_tokens=computed, num_prompt_tokens=259)
     split = FastKVScheduler._mamba_block_aligned_split
     assert split(scheduler, request, scheduled) == expected
+
+
+def test_a_decoding_request_packs_the_page_its_token_completes():
+    """Low-bit KV while decoding: the step whose token (written at slot ``computed``)
+    completes one more page past ``kv_residual`` packs it, after its attention, which still
+    reads the old page count; the next step reads one page more. Stepped token by token,
+    every page is packed exactly once, in order, and a step's attention never reads a page
+    that holds a token written in that step or within ``kv_residual`` of it."""
+    from vllm_fastkv.retention import RetentionStepPlan
+    from vllm_fastkv.retention_scheduler import _RetentionSchedulerMixin
+
+    settings = FastKVConfig.validated({"retain_rate": 0.25, "kv_bits": 2, "kv_residual": 16})
+    page_tokens = 32
+    origin = plan_retention(settings, 300, 16, page_tokens)
+    request = SimpleNamespace(num_computed_tokens=origin.prompt_len)
+    scheduler = SimpleNamespace(
+        fastkv=settings, fastkv_page_tokens=page_tokens, requests={"r": request},
+        fastkv_retained={"r": origin}, fastkv_origin={"r": origin},
+    )  # fmt: skip
+    packed_at: list[int] = []
+    for _ in range(200):
+        retained = scheduler.fastkv_retained["r"]
+        plan = RetentionStepPlan()
+        _RetentionSchedulerMixin._grow_pages(scheduler, "r", retained, plan)
+        written = request.num_computed_tokens  # the slot this step's token goes to
+        read_end = retained.start + retained.packed_pages * page_tokens
+        assert read_end <= written + 1 - settings.kv_residual
+        if "r" in plan.pack:
+            page, lineage = plan.pack["r"]
+            assert page == retained.packed_pages and lineage is origin
+            # The page ends exactly kv_residual slots before the end of the cache.
+            assert retained.start + (page + 1) * page_tokens == written + 1 - settings.kv_residual
+            assert scheduler.fastkv_retained["r"].packed_pages == page + 1
+            packed_at.append(written)
+        else:
+            assert scheduler.fastkv_retained["r"] is retained
+        request.num_computed_tokens += 1
+    due = pages_to_pack(settings, origin, origin.prompt_len + 200, page_tokens)
+    assert len(packed_at) == due - origin.packed_pages >= 6
+    assert all(b - a == page_tokens for a, b in zip(packed_at, packed_at[1:]))
