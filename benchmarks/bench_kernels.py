@@ -30,9 +30,10 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 * with ``--sweep``: device time of the fused kernel (avg pooling) for a grid of
   :class:`~vllm_fastkv.kernels.scoring.FusedTuning` launch shapes, best first, each
   checked against the default shape's scores;
-* with ``--tune``: device time of the ``attention_lse`` path (avg pooling) over a grid of
-  the mass kernel's launch constants (``scoring._MASS_*``), and of both compactions over
-  ``compaction._BLOCK_R`` x ``_NUM_WARPS`` (restored afterwards), fastest first.
+* with ``--tune``: times of the ``attention_lse`` path (avg pooling) over a grid of the
+  mass kernel's launch constants (``scoring._MASS_*``) and over the pooling programs per
+  SM (``scoring._POOL_PROGRAMS_PER_SM``), and of both compactions over
+  ``compaction._BLOCK_R`` x ``_NUM_WARPS`` (restored afterwards), fastest span first.
 
 Three times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
 calls; host work and device syncs included, which is what the engine pays), ``device`` the
@@ -90,6 +91,8 @@ MASS_TUNING = dict(
     _MASS_NUM_STAGES=(2, 3, 4),
     _MASS_NUM_WARPS=(4, 8),
 )
+# Pooling programs per SM after the mass kernel (0: one tile a program).
+POOL_TUNING = dict(_POOL_PROGRAMS_PER_SM=(0, 1, 2))
 COMPACT_TUNING = dict(_BLOCK_R=(16, 32, 64, 128, 256), _NUM_WARPS=(2, 4, 8))
 # --sweep grid of fused launch shapes.
 SWEEP = dict(
@@ -304,15 +307,19 @@ def tune_constants(
 
 
 def print_tuning(tuning: list[dict]) -> None:
-    """The five fastest launch-constant combinations per op and length."""
-    for key in sorted({(entry["op"], entry["seq_len"]) for entry in tuning}):
-        entries = sorted(
-            (e for e in tuning if (e["op"], e["seq_len"]) == key), key=lambda e: e["device_ms"]
-        )
-        print(f"{key[0]} at T={key[1]}, fastest launch constants first:")
+    """The five fastest launch-constant combinations per op, length and grid, by span (a
+    dependent launch's duration includes its wait, so the sum of durations misranks)."""
+    def grid_of(entry: dict) -> tuple:
+        return tuple(k for k in entry if k.startswith("_"))
+
+    for key in sorted({(e["op"], e["seq_len"], grid_of(e)) for e in tuning}):
+        entries = sorted((e for e in tuning if (e["op"], e["seq_len"], grid_of(e)) == key),
+                         key=lambda e: e["span_ms"])  # fmt: skip
+        print(f"{key[0]} at T={key[1]}, fastest {', '.join(key[2])} first:")
         for entry in entries[:5]:
             names = ", ".join(f"{k}={v}" for k, v in entry.items() if k.startswith("_"))
-            print(f"  {entry['device_ms']:.4f} ms ({entry['device_x_floor']:.2f}x)  {names}")
+            print(f"  span {entry['span_ms']:.4f} ms ({entry['span_x_floor']:.2f}x), "
+                  f"durations {entry['device_ms']:.4f} ms  {names}")
 
 
 def print_scoring_summary(rows: list[dict], sweep: list[dict]) -> None:
@@ -428,12 +435,13 @@ def run_length(
         expected = 32 * keys.double().sum(dim=(0, 2))
         checks["key_reads_rel_error"] = float((sums - expected).norm() / expected.norm())
     if args.tune:
-        tune_constants(
-            tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module, MASS_TUNING,
-            lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
-                                  **score_kwargs),
-            key_floor_ms,
-        )  # fmt: skip
+        for grid in (MASS_TUNING, POOL_TUNING):
+            tune_constants(
+                tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module, grid,
+                lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
+                                      **score_kwargs),
+                key_floor_ms,
+            )  # fmt: skip
     scores = window_scores(query, key_cache, block_table, seq_lens, **score_kwargs)
     if args.sweep:
         sweep_fused(query, key_cache, block_table, seq_lens, score_kwargs, scores, sweep)
