@@ -6,7 +6,8 @@ Needs torch and triton only. One layer of a decode step at Llama-3.1-8B head sha
 (32 query / 8 KV heads of 128, block 16, bf16): ``--batch`` rows, each with the KV that
 retention keeps of a ``--prompt-len`` prompt (``--retain-rate``), its oldest tokens
 packed at 2 and 4 bits as the engine packs them (all but the last ``--residual`` tokens,
-in whole pages), the rest full precision. For each bit width, tile size
+in whole pages), the rest full precision; rows' blocks shuffled over the cache as a
+serving pool hands them out (``--blocks-in-order``: consecutive). For each bit width, tile size
 (``tile_blocks``: blocks of a page attended per iteration), warps per program, pipeline
 stages of the tile loop and split count (``splits``: programs per (row, KV head), ``*``
 the kernel's own choice) it reports the time of
@@ -62,7 +63,11 @@ def packed_batch(args: argparse.Namespace, bits: int):
                      device="cuda", generator=gen).to(torch.bfloat16)  # fmt: skip
     key_cache, value_cache = kv.split(args.head_dim, dim=-1)
     layout = LowBitLayout.for_cache(key_cache, bits, args.value_group)
-    order = torch.randperm(num_blocks, device="cuda", generator=gen)[: args.batch * blocks_per_row]
+    if args.blocks_in_order:
+        order = torch.arange(args.batch * blocks_per_row, device="cuda")
+    else:  # as a serving pool hands blocks out after a while
+        order = torch.randperm(num_blocks, device="cuda", generator=gen)
+    order = order[: args.batch * blocks_per_row]
     block_table = order.view(args.batch, blocks_per_row).to(torch.int32)
     pages = max(0, (kept - args.residual) // layout.page_tokens)
     per_page = layout.blocks_per_page
@@ -128,6 +133,8 @@ def main() -> None:
     parser.add_argument("--max-registers", type=int, nargs="+", default=[MAX_REGISTERS],
                         help="register caps a thread of the kernel may use")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--blocks-in-order", action="store_true",
+                        help="rows' blocks consecutive in the cache instead of shuffled")
     parser.add_argument("--pack-due", action="store_true",
                         help="also time each configuration with every row packing a page")
     parser.add_argument("--rounds", type=int, default=5,

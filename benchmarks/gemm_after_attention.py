@@ -6,11 +6,24 @@ than in the 16-bit engine of the same job: docs/BENCHMARKS.md, "tenth run".)
 
 Needs torch and triton only. 32 "layers" of Llama-3.1-8B decode shapes at batch 16
 (attention, o_proj, add + RMS norm, gate/up, SiLU, down, add + RMS norm, qkv; random
-weights, the same for every layer) captured in one CUDA graph, the attention being the
-packed 2-bit kernel over the rows of ``bench_packed_decode.py`` (32K prompts, retain 0.1),
-PyTorch's SDPA over as many 16-bit keys and values, or nothing. Two rounds of the three;
-each graph replayed 30 times under the profiler; the median time of every kernel. SM and
-memory clocks, power and temperature are sampled every 50 ms beside (``OUT.smi.csv``).
+weights, the same for every layer) captured in one CUDA graph, the attention being one of
+``--kinds``:
+
+* ``packed``: the packed 2-bit kernel over the rows of ``bench_packed_decode.py`` (32K
+  prompts, retain 0.1, blocks in shuffled order as a serving pool hands them out);
+* ``packed_in_order``: the same rows with their blocks in order (scattered reads or not);
+* ``packed_then_stream``: ``packed``, then a 256 MiB read (whatever the packed kernel
+  leaves in L2 is gone before o_proj);
+* ``alu``: a Triton kernel of arithmetic alone on every SM for about as long (power, no
+  memory);
+* ``sdpa``: PyTorch's SDPA over as many 16-bit keys and values;
+* ``none``: no attention.
+
+Each graph is replayed ``--replays`` times under the profiler, ``--rounds`` rounds of all
+kinds; per kernel the median time, and the median gap from the previous kernel's end to
+its start (negative: it started early, as a programmatic dependent launch may, and its
+duration includes a wait). SM and memory clocks, power and temperature are sampled every
+50 ms beside (``OUT.smi.csv``).
 """
 
 from __future__ import annotations
@@ -23,6 +36,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+import triton.testing
 from bench_packed_decode import packed_batch
 from torch.profiler import ProfilerActivity, profile
 
@@ -32,14 +48,35 @@ HIDDEN, INTERMEDIATE, QKV = 4096, 14336, 6144
 BATCH, LAYERS = 16, 32
 
 
+KINDS = ("packed", "packed_in_order", "packed_then_stream", "alu", "sdpa", "none")
+
+
+@triton.jit
+def _alu_kernel(out_ptr, iterations, BLOCK: tl.constexpr):
+    """Dependent fp32 multiply-adds in registers, one store: arithmetic, no traffic."""
+    x = tl.arange(0, BLOCK).to(tl.float32) * 1e-3
+    for _ in range(iterations):
+        x = x * 0.999 + 0.001
+        x = x * 1.001 - 0.001
+    tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), x)
+
+
 class Layers:
     """The decode layers of one run, on random weights."""
 
     def __init__(self, prompt_len: int, retain_rate: float) -> None:
         shape = argparse.Namespace(batch=BATCH, prompt_len=prompt_len, retain_rate=retain_rate,
                                    residual=128, num_q_heads=32, num_kv_heads=8, head_dim=128,
-                                   block_size=16, value_group=32, pack_due=False)  # fmt: skip
+                                   block_size=16, value_group=32, pack_due=False,
+                                   blocks_in_order=False)  # fmt: skip
         self.inputs, self.layout, _, _ = packed_batch(shape, 2)
+        shape.blocks_in_order = True
+        self.in_order, _, _, _ = packed_batch(shape, 2)
+        self.stream = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        self.stream_sum = torch.empty(1, dtype=torch.int64, device="cuda")
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        self.alu_out = torch.empty(4 * sms, 512, device="cuda")
+        self.alu_iterations = 1
         self.attn_out = torch.empty_like(self.inputs[0])
         self.arrivals = torch.zeros(BATCH * 9, dtype=torch.int32, device="cuda")
         self.no_pages = torch.full((BATCH,), -1, dtype=torch.int32, device="cuda")
@@ -56,11 +93,16 @@ class Layers:
         self.norm_weight = torch.ones(HIDDEN, **bf16)
 
     def attention(self, kind: str) -> torch.Tensor:
-        if kind == "packed":
-            packed_decode_attention(*self.inputs, self.attn_out, scale=0.088,
-                                    layout=self.layout, arrivals=self.arrivals,
-                                    pack_pages=self.no_pages)  # fmt: skip
+        if kind.startswith("packed"):
+            inputs = self.in_order if kind == "packed_in_order" else self.inputs
+            packed_decode_attention(*inputs, self.attn_out, scale=0.088, layout=self.layout,
+                                    arrivals=self.arrivals, pack_pages=self.no_pages)  # fmt: skip
+            if kind == "packed_then_stream":
+                torch.sum(self.stream, dtype=torch.int64, out=self.stream_sum)
             return self.attn_out.view(BATCH, HIDDEN)
+        if kind == "alu":
+            _alu_kernel[(self.alu_out.shape[0],)](self.alu_out, self.alu_iterations, BLOCK=512)
+            return self.x
         if kind == "sdpa":
             out = F.scaled_dot_product_attention(self.q16, self.k16, self.v16, enable_gqa=True)
             return out.view(BATCH, HIDDEN)
@@ -98,15 +140,33 @@ def kernel_medians(layers: Layers, kind: str, replays: int) -> dict:
             graph.replay()
         torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - start)
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                    key=lambda e: e.time_range.start)  # fmt: skip
     times: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            times.setdefault(event.name[:80], []).append(event.time_range.elapsed_us())
+    gaps: dict[str, list[float]] = {}
+    for previous, event in zip([None, *events], events):
+        times.setdefault(event.name[:80], []).append(event.time_range.elapsed_us())
+        if previous is not None:
+            gap = event.time_range.start - previous.time_range.end
+            gaps.setdefault(event.name[:80], []).append(gap)
     ranked = sorted(times.items(), key=lambda item: -sum(item[1]))
     return {"wall_ms": wall_ms, "kernels": [
-        {"name": name, "median_us": statistics.median(spans), "count": len(spans)}
-        for name, spans in ranked[:10]
+        {"name": name, "median_us": statistics.median(spans), "count": len(spans),
+         "median_gap_us": statistics.median(gaps[name]) if name in gaps else None}
+        for name, spans in ranked[:12]
     ]}  # fmt: skip
+
+
+def calibrate_alu(layers: Layers, target_us: float) -> None:
+    """Iterations of the arithmetic kernel that take about ``target_us``."""
+    def time_us(iterations: int) -> float:
+        layers.alu_iterations = iterations
+        return triton.testing.do_bench(lambda: layers.attention("alu"), warmup=5, rep=20) * 1e3
+
+    iterations = 256
+    while time_us(iterations) < target_us and iterations < 1 << 22:
+        iterations *= 2
+    layers.alu_iterations = max(1, int(iterations * target_us / time_us(iterations)))
 
 
 def main() -> None:
@@ -118,8 +178,12 @@ def main() -> None:
     parser.add_argument("--retain-rate", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--replays", type=int, default=30)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     args = parser.parse_args()
     layers = Layers(args.prompt_len, args.retain_rate)
+    if "alu" in args.kinds:
+        packed_us = triton.testing.do_bench(lambda: layers.attention("packed")) * 1e3
+        calibrate_alu(layers, packed_us)
     with open(args.out + ".smi.csv", "w") as log:
         smi = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,"
@@ -128,14 +192,16 @@ def main() -> None:
         try:
             runs = {}
             for round_ in range(args.rounds):
-                for kind in ("packed", "sdpa", "none"):
+                for kind in args.kinds:
                     run = kernel_medians(layers, kind, args.replays)
                     runs[f"{kind}{round_}"] = run
                     print(f"== attention {kind}, round {round_}: {args.replays} replays of "
                           f"{LAYERS} layers in {run['wall_ms']:.0f} ms", flush=True)
                     for kernel in run["kernels"]:
-                        print(f"   {kernel['median_us']:8.2f} us x{kernel['count']:5d}  "
-                              f"{kernel['name']}", flush=True)  # fmt: skip
+                        gap = kernel["median_gap_us"]
+                        print(f"   {kernel['median_us']:8.2f} us x{kernel['count']:5d}  gap "
+                              f"{'-' if gap is None else f'{gap:6.2f}'} us  {kernel['name']}",
+                              flush=True)  # fmt: skip
         finally:
             smi.terminate()
     result = {"device": torch.cuda.get_device_name(), "config": vars(args), "runs": runs}
