@@ -70,6 +70,18 @@ def random_query(num_seqs, window, num_q_heads, head_dim, dtype, device):
     return torch.randn(num_seqs, num_q_heads, window, head_dim).to(dtype).to(device).transpose(1, 2)
 
 
+def ragged_batch(paged_kv, device, seed):
+    """``window_scores``' positional arguments for five fp32 prompts of 300, 9, 77, 129 and
+    5 tokens (2 KV heads of 64, 4 query heads, block 16, window 8): prompts that end
+    inside, at the start of or before a tile or split, and ones shorter than the window."""
+    seq_lens = [300, 9, 77, 129, 5]
+    paged = paged_kv(seq_lens, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+                     seed=seed)  # fmt: skip
+    torch.manual_seed(seed)
+    query = random_query(len(seq_lens), 8, 4, 64, torch.float32, device)
+    return query, paged.key_cache, paged.block_table, paged.seq_lens
+
+
 def assert_scores_match(out, ref, rel_tol):
     """Same -inf padding mask, no NaN, and ``||out - ref|| / ||ref|| <= rel_tol`` elsewhere."""
     out, ref = out.cpu(), ref.cpu()
@@ -268,12 +280,7 @@ def test_mass_kernel_walks_many_tiles_per_split(
     monkeypatch.setattr(scoring, "_MASS_BLOCK_N", 16)
     monkeypatch.setattr(scoring, "_PROGRAMS_WITHOUT_GPU", programs)
     monkeypatch.setattr(scoring, "_MASS_MAX_TILES_PER_SPLIT", max_tiles)
-    seq_lens = [300, 9, 77, 129, 5]
-    paged = paged_kv(seq_lens, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
-                     seed=17)  # fmt: skip
-    torch.manual_seed(17)
-    query = random_query(len(seq_lens), 8, 4, 64, torch.float32, device)
-    args = (query, paged.key_cache, paged.block_table, paged.seq_lens)
+    args = ragged_batch(paged_kv, device, seed=17)
     kwargs = dict(scale=0.125, window=8, pooling=pooling)
     ref = window_scores_ref(*args, **kwargs)
     lse = window_lse_ref(*args, scale=0.125, window=8)
@@ -293,12 +300,7 @@ def test_pooling_programs_walk_several_tiles(
     monkeypatch.setattr(scoring, "_BLOCK_POOL", 32)
     if device.type != "cuda":  # 3 or 6 pooling programs a row and KV head
         monkeypatch.setattr(scoring, "_PROGRAMS_WITHOUT_GPU", 30 * programs_per_sm)
-    seq_lens = [300, 9, 77, 129, 5]
-    paged = paged_kv(seq_lens, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
-                     seed=19)  # fmt: skip
-    torch.manual_seed(19)
-    query = random_query(len(seq_lens), 8, 4, 64, torch.float32, device)
-    args = (query, paged.key_cache, paged.block_table, paged.seq_lens)
+    args = ragged_batch(paged_kv, device, seed=19)
     kwargs = dict(scale=0.125, window=8, pooling=pooling)
     lse = window_lse_ref(*args, scale=0.125, window=8)
     one_tile = [window_scores(*args, lse=lse, **kwargs), window_scores(*args, **kwargs)]
