@@ -278,13 +278,8 @@ def measure_decode(llm, prompts, tokens: int) -> tuple[float, float, list[float]
 
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=1 + tokens, ignore_eos=True)
-    ids = [f"decode-{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
     start = time.perf_counter()
-    for request_id, prompt in zip(ids, prompts):
-        engine.add_request(request_id, prompt, params)
-    started: set[str] = set()
-    while len(started) < len(ids):
-        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    ids = _prefill(engine, prompts, params, f"decode-{time.perf_counter_ns()}", [])
     prefilled = time.perf_counter()
     steps_ms: list[float] = []
     finished: dict[str, int] = {}
@@ -323,14 +318,8 @@ def profile_decode(llm, prompts, steps: int, skip: int, top: int = 25) -> dict:
 
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=skip + steps + 64, ignore_eos=True)
-    ids = [f"profile-decode-{i}" for i in range(len(prompts))]
-    for request_id, prompt in zip(ids, prompts):
-        engine.add_request(request_id, prompt, params)
-    started: set[str] = set()
     prefill_ms: list[float] = []
-    while len(started) < len(ids):  # every request has its first token: prefill is over
-        outputs = _timed_step(engine, prefill_ms)
-        started.update(o.request_id for o in outputs if o.outputs[0].token_ids)
+    ids = _prefill(engine, prompts, params, "profile-decode", prefill_ms)
     skip_ms: list[float] = []
     for _ in range(skip):
         _timed_step(engine, skip_ms)
@@ -344,6 +333,20 @@ def profile_decode(llm, prompts, steps: int, skip: int, top: int = 25) -> dict:
         engine.step()
     return {"steps": steps, "skipped_steps": skip, "prefill_step_ms": prefill_ms,
             "skip_step_ms": skip_ms, **_kernel_summary(prof, wall_s, top)}
+
+
+def _prefill(engine, prompts, params, tag: str, times_ms: list[float]) -> list[str]:
+    """Add ``prompts`` as requests ``{tag}-{i}`` and step the engine until every one has
+    its first token (prefill over), each step's wall time appended to ``times_ms``;
+    returns the request ids."""
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
+    started: set[str] = set()
+    while len(started) < len(ids):
+        outputs = _timed_step(engine, times_ms)
+        started.update(o.request_id for o in outputs if o.outputs[0].token_ids)
+    return ids
 
 
 def _timed_step(engine, times_ms: list[float]) -> list:
