@@ -30,9 +30,10 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 * with ``--sweep``: device time of the fused kernel (avg pooling) for a grid of
   :class:`~vllm_fastkv.kernels.scoring.FusedTuning` launch shapes, best first, each
   checked against the default shape's scores;
-* with ``--tune``: times of the ``attention_lse`` path (avg pooling) over a grid of the
-  mass kernel's launch constants (``scoring._MASS_*``) and over the pooling programs per
-  SM (``scoring._POOL_PROGRAMS_PER_SM``), and of both compactions over
+* with ``--tune [mass pool compact]`` (all three when none is named): times of the
+  ``attention_lse`` path (avg pooling) over a grid of the mass kernel's launch constants
+  (``scoring._MASS_*``) and over the pooling programs per SM
+  (``scoring._POOL_PROGRAMS_PER_SM``), and of both compactions over
   ``compaction._BLOCK_R`` x ``_NUM_WARPS`` (restored afterwards), fastest span first.
 
 Three times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
@@ -94,6 +95,7 @@ MASS_TUNING = dict(
 # Pooling programs per SM after the mass kernel (0: one tile a program).
 POOL_TUNING = dict(_POOL_PROGRAMS_PER_SM=(0, 1, 2))
 COMPACT_TUNING = dict(_BLOCK_R=(16, 32, 64, 128, 256), _NUM_WARPS=(2, 4, 8))
+TUNING_GRIDS = ("mass", "pool", "compact")
 # --sweep grid of fused launch shapes.
 SWEEP = dict(
     programs_per_sm=(1, 2, 4),
@@ -434,10 +436,11 @@ def run_length(
         keys = key_cache[block_table[0, tokens // args.block_size], tokens % args.block_size]
         expected = 32 * keys.double().sum(dim=(0, 2))
         checks["key_reads_rel_error"] = float((sums - expected).norm() / expected.norm())
-    if args.tune:
-        for grid in (MASS_TUNING, POOL_TUNING):
+    for name in args.tune:
+        if name in ("mass", "pool"):
             tune_constants(
-                tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module, grid,
+                tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module,
+                MASS_TUNING if name == "mass" else POOL_TUNING,
                 lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
                                       **score_kwargs),
                 key_floor_ms,
@@ -517,7 +520,7 @@ def run_length(
             compaction,
             moved_bytes / bandwidth * 1e3,
         )
-        if args.tune:
+        if "compact" in args.tune:
             tune_constants(tuning, f"compact_kv{suffix}", seq_len, compaction_module,
                            COMPACT_TUNING, compaction, moved_bytes / bandwidth * 1e3)  # fmt: skip
     return checks
@@ -544,11 +547,14 @@ def main() -> None:
         "--sweep", action="store_true", help="also time the fused kernel's launch-shape grid"
     )
     parser.add_argument(
-        "--tune", action="store_true",
-        help="also time the mass kernel (attention_lse path) and compaction over their"
-        " launch-constant grids",
+        "--tune", nargs="*", choices=TUNING_GRIDS, default=None,
+        help="also time launch-constant grids: the mass kernel's (attention_lse path), the"
+        " pooling launch's, compaction's (all three when none is named)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.tune == []:
+        args.tune = list(TUNING_GRIDS)
+    args.tune = args.tune or []
 
     bandwidth = copy_bandwidth()
     rows: list[dict] = []
