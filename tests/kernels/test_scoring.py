@@ -289,28 +289,6 @@ def test_mass_kernel_walks_many_tiles_per_split(
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
-@pytest.mark.parametrize("programs_per_sm", [1, 2])
-def test_pooling_programs_walk_several_tiles(
-    programs_per_sm, pooling, paged_kv, device, poison_empty, monkeypatch
-):
-    """``_POOL_PROGRAMS_PER_SM``: fewer pooling programs, each walking consecutive tiles
-    (32-token tiles here, so a 300-token prompt has ten; the last program's range cut at
-    the row's end, rows of one tile and none), give exactly the scores of one tile a
-    program, with the log-sum-exps given and without."""
-    monkeypatch.setattr(scoring, "_BLOCK_POOL", 32)
-    if device.type != "cuda":  # 3 or 6 pooling programs a row and KV head
-        monkeypatch.setattr(scoring, "_PROGRAMS_WITHOUT_GPU", 30 * programs_per_sm)
-    args = ragged_batch(paged_kv, device, seed=19)
-    kwargs = dict(scale=0.125, window=8, pooling=pooling)
-    lse = window_lse_ref(*args, scale=0.125, window=8)
-    one_tile = [window_scores(*args, lse=lse, **kwargs), window_scores(*args, **kwargs)]
-    monkeypatch.setattr(scoring, "_POOL_PROGRAMS_PER_SM", programs_per_sm)
-    walked = [window_scores(*args, lse=lse, **kwargs), window_scores(*args, **kwargs)]
-    for a, b in zip(one_tile, walked):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("pooling", ["avg", "max"])
 def test_fused_many_items_and_merge_groups(pooling, paged_kv, device, poison_empty, monkeypatch):
     """Fused kernel with many items per unit (one tile each), merge groups of two items
     (so the log-sum-exp tree has both levels, with a ragged last group), the batch scanned

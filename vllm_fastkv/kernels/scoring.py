@@ -86,14 +86,6 @@ _MASS_NUM_WARPS = 4
 # aimed at the whole batch would otherwise leave the long prompt's keys to few programs,
 # each walking a long range. A single 128K prompt (16 tiles a program) is not capped.
 _MASS_MAX_TILES_PER_SPLIT = 16
-# Programs per SM of the pooling launch (0: one _BLOCK_POOL tile a program, ~1,000 programs
-# at 32K). At 1 or 2 an SM, each program walking several tiles, the pooling programs of a
-# programmatic dependent launch could sit resident beside the 8 mass programs an SM while
-# those run (registers and warp slots allow one or two) and pool as soon as the mass
-# kernel ends, instead of being scheduled then: the 2.0 us pooling kernel is what keeps
-# scoring at 1.58x its floor at 32K (docs/BENCHMARKS.md). Not measured yet, so off;
-# ``bench_kernels.py --tune`` times 0, 1 and 2.
-_POOL_PROGRAMS_PER_SM = 0
 # Two-pass step 1 aims for this many programs per SM (on a CPU, the interpreter: a fixed
 # count).
 _PROGRAMS_PER_SM = 4
@@ -325,15 +317,13 @@ def _window_mass_kernel(
 def _pool_group_kernel(
     mass_ptr, seq_lens_ptr, out_ptr,
     stride_ms, stride_mh, stride_os, stride_oh,
-    window, group, width, tiles,
+    window, group, width,
     POOL: tl.constexpr, IS_MAX: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
     AFTER_MASS: tl.constexpr,
 ):
     """Two-pass step 3: ``out[s, h, j]`` = sum over the group of the pooled mass, ``-inf``
     past ``T - window``. Tokens outside ``[0, T - window)`` pad as 0 (avg, counted in the
-    divisor) or are ignored (max), as ``F.avg_pool1d``/``F.max_pool1d`` do. Program
-    ``(s, h, c)`` takes ``tiles`` consecutive tiles of ``BLOCK`` tokens from tile
-    ``c * tiles`` on.
+    divisor) or are ignored (max), as ``F.avg_pool1d``/``F.max_pool1d`` do.
 
     With ``AFTER_MASS`` the launch may start while the mass kernel still runs
     (programmatic dependent launch): the mass is read only after ``gdc_wait``, which
@@ -343,28 +333,25 @@ def _pool_group_kernel(
     num_scored = tl.minimum(tl.load(seq_lens_ptr + s) - window, width)
     if AFTER_MASS:
         tl.extra.cuda.gdc_wait()
+    tok = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     offs_g = tl.arange(0, G_PAD)
     g_mask = offs_g < group
     rows = mass_ptr + s * stride_ms + (h * group + offs_g)[:, None] * stride_mh
     pad: tl.constexpr = float("-inf") if IS_MAX else 0.0
-    first = tl.program_id(2) * tiles
-    for tile in range(first, tl.minimum(first + tiles, tl.cdiv(width, BLOCK))):
-        tok = tile * BLOCK + tl.arange(0, BLOCK)
-        pooled = tl.full([G_PAD, BLOCK], pad, tl.float32)
-        for offset in tl.static_range(POOL):
-            src = tok + (offset - POOL // 2)
-            inside = (src >= 0) & (src < num_scored)
-            vals = tl.load(rows + src[None, :], mask=g_mask[:, None] & inside[None, :],
-                           other=pad)  # fmt: skip
-            if IS_MAX:
-                pooled = tl.maximum(pooled, vals)
-            else:
-                pooled += vals
-        if not IS_MAX:
-            pooled = pooled / POOL
-        score = tl.sum(tl.where(g_mask[:, None], pooled, 0.0), axis=0)
-        score = tl.where(tok < num_scored, score, float("-inf"))
-        tl.store(out_ptr + s * stride_os + h * stride_oh + tok, score, mask=tok < width)
+    pooled = tl.full([G_PAD, BLOCK], pad, tl.float32)
+    for offset in tl.static_range(POOL):
+        src = tok + (offset - POOL // 2)
+        inside = (src >= 0) & (src < num_scored)
+        vals = tl.load(rows + src[None, :], mask=g_mask[:, None] & inside[None, :], other=pad)
+        if IS_MAX:
+            pooled = tl.maximum(pooled, vals)
+        else:
+            pooled += vals
+    if not IS_MAX:
+        pooled = pooled / POOL
+    score = tl.sum(tl.where(g_mask[:, None], pooled, 0.0), axis=0)
+    score = tl.where(tok < num_scored, score, float("-inf"))
+    tl.store(out_ptr + s * stride_os + h * stride_oh + tok, score, mask=tok < width)
 
 
 @triton.jit
@@ -847,15 +834,10 @@ def _two_pass_scores(
         SUM_GROUP=pooling == "avg", NUM_STAGES=_MASS_NUM_STAGES, LAUNCH_POOLING=dependent,
         **(common | dict(num_warps=_MASS_NUM_WARPS)),
     )  # fmt: skip
-    tiles = triton.cdiv(width, _BLOCK_POOL)
-    tiles_per_program = 1
-    if _POOL_PROGRAMS_PER_SM:
-        programs = _num_programs(_POOL_PROGRAMS_PER_SM, query.device)
-        tiles_per_program = triton.cdiv(tiles, max(1, programs // (num_seqs * num_kv_heads)))
-    _pool_group_kernel[(num_seqs, num_kv_heads, triton.cdiv(tiles, tiles_per_program))](
+    _pool_group_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_POOL))](
         mass, seq_lens, out,
         mass.stride(0), mass.stride(1), out.stride(0), out.stride(1),
-        window, pooled_group, width, tiles_per_program,
+        window, pooled_group, width,
         POOL=pool_kernel, IS_MAX=pooling == "max", G_PAD=triton.next_power_of_2(pooled_group),
         BLOCK=_BLOCK_POOL, AFTER_MASS=dependent, **({"launch_pdl": True} if dependent else {}),
     )
