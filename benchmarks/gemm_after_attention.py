@@ -14,6 +14,14 @@ weights, the same for every layer) captured in one CUDA graph, the attention bei
 * ``packed_in_order``: the same rows with their blocks in order (scattered reads or not);
 * ``packed_then_stream``: ``packed``, then a 256 MiB read (whatever the packed kernel
   leaves in L2 is gone before o_proj);
+* ``packed_evict_first``: ``packed`` with its cache loads hinted ``evict_first`` in L2;
+* ``sdpa_then_write``: ``sdpa``, then a 2 MiB write (as much as the packed kernel's split
+  partials: dirty lines in L2);
+* ``packed_carveout_max`` / ``packed_carveout_min``: ``packed`` with its preferred
+  shared-memory carveout set to 100% / 0% (the driver's choice otherwise: an SM that
+  must change its L1 / shared split for the next kernel drains first);
+* ``packed_then_alu``: ``packed``, then ~2 us of ``alu`` on every SM (whatever the packed
+  kernel leaves in an SM rather than in L2);
 * ``alu``: a Triton kernel of arithmetic alone on every SM for about as long (power, no
   memory);
 * ``sdpa``: PyTorch's SDPA over as many 16-bit keys and values;
@@ -29,6 +37,7 @@ duration includes a wait). SM and memory clocks, power and temperature are sampl
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -42,13 +51,30 @@ import triton.testing
 from bench_packed_decode import packed_batch
 from torch.profiler import ProfilerActivity, profile
 
-from vllm_fastkv.kernels import packed_decode_attention
+from vllm_fastkv.kernels import packed_attention, packed_decode_attention
 
 HIDDEN, INTERMEDIATE, QKV = 4096, 14336, 6144
 BATCH, LAYERS = 16, 32
 
 
-KINDS = ("packed", "packed_in_order", "packed_then_stream", "alu", "sdpa", "none")
+KINDS = ("packed", "packed_in_order", "packed_then_stream", "packed_evict_first",
+         "packed_carveout_max", "packed_carveout_min", "packed_then_alu", "alu", "sdpa",
+         "sdpa_then_write", "none")
+CARVEOUTS = {"packed_carveout_max": 100, "packed_carveout_min": 0}
+# CUfunction_attribute CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+_CARVEOUT_ATTRIBUTE = 9
+
+
+def set_carveout(kernel: triton.runtime.JITFunction, percent: int) -> None:
+    """The preferred shared-memory carveout (-1: the driver's) of every compiled variant of
+    ``kernel`` on the current device."""
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    for compiled in kernel.device_caches[torch.cuda.current_device()][0].values():
+        compiled._init_handles()
+        status = libcuda.cuFuncSetAttribute(ctypes.c_void_p(compiled.function),
+                                            _CARVEOUT_ATTRIBUTE, percent)  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"cuFuncSetAttribute: CUresult {status}")
 
 
 @triton.jit
@@ -73,10 +99,12 @@ class Layers:
         shape.blocks_in_order = True
         self.in_order, _, _, _ = packed_batch(shape, 2)
         self.stream = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        self.stream_sum = torch.empty(1, dtype=torch.int64, device="cuda")
+        self.stream_sum = torch.empty((), dtype=torch.int64, device="cuda")
+        self.dirty = torch.empty(2 << 20, dtype=torch.uint8, device="cuda")
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         self.alu_out = torch.empty(4 * sms, 512, device="cuda")
         self.alu_iterations = 1
+        self.short_alu_iterations = 1
         self.attn_out = torch.empty_like(self.inputs[0])
         self.arrivals = torch.zeros(BATCH * 9, dtype=torch.int32, device="cuda")
         self.no_pages = torch.full((BATCH,), -1, dtype=torch.int32, device="cuda")
@@ -95,16 +123,27 @@ class Layers:
     def attention(self, kind: str) -> torch.Tensor:
         if kind.startswith("packed"):
             inputs = self.in_order if kind == "packed_in_order" else self.inputs
-            packed_decode_attention(*inputs, self.attn_out, scale=0.088, layout=self.layout,
-                                    arrivals=self.arrivals, pack_pages=self.no_pages)  # fmt: skip
+            packed_attention.CACHE_EVICTION = "evict_first" if kind == "packed_evict_first" else ""
+            try:
+                packed_decode_attention(*inputs, self.attn_out, scale=0.088,
+                                        layout=self.layout, arrivals=self.arrivals,
+                                        pack_pages=self.no_pages)
+            finally:
+                packed_attention.CACHE_EVICTION = ""
+            set_carveout(packed_attention._packed_decode_kernel, CARVEOUTS.get(kind, -1))
             if kind == "packed_then_stream":
-                torch.sum(self.stream, dtype=torch.int64, out=self.stream_sum)
+                torch.sum(self.stream, dim=0, dtype=torch.int64, out=self.stream_sum)
+            if kind == "packed_then_alu":
+                _alu_kernel[(self.alu_out.shape[0],)](self.alu_out, self.short_alu_iterations,
+                                                      BLOCK=512)  # fmt: skip
             return self.attn_out.view(BATCH, HIDDEN)
         if kind == "alu":
             _alu_kernel[(self.alu_out.shape[0],)](self.alu_out, self.alu_iterations, BLOCK=512)
             return self.x
-        if kind == "sdpa":
+        if kind.startswith("sdpa"):
             out = F.scaled_dot_product_attention(self.q16, self.k16, self.v16, enable_gqa=True)
+            if kind == "sdpa_then_write":
+                self.dirty.fill_(1)
             return out.view(BATCH, HIDDEN)
         return self.x
 
@@ -181,6 +220,9 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     args = parser.parse_args()
     layers = Layers(args.prompt_len, args.retain_rate)
+    if "packed_then_alu" in args.kinds:
+        calibrate_alu(layers, 2.0)
+        layers.short_alu_iterations = layers.alu_iterations
     if "alu" in args.kinds:
         packed_us = triton.testing.do_bench(lambda: layers.attention("packed")) * 1e3
         calibrate_alu(layers, packed_us)
