@@ -87,7 +87,7 @@ _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 #: every code word, scale and full-precision entry is read by one program once a step).
 CACHE_EVICTION = ""
 #: Load the next packed tile's page number while this tile is dequantised and attended.
-PREFETCH_PAGE = False
+PREFETCH_PAGE = True
 #: Preferred shared-memory carveout of the decode kernel, percent of an SM's unified L1 /
 #: shared memory (-1: the driver's choice).
 SHARED_CARVEOUT = -1
@@ -507,7 +507,7 @@ def splits_for(rows: int, num_kv_heads: int, multiprocessors: int) -> int:
     ~3 programs resident per multiprocessor, more and shorter programs leave less of a
     last partial wave.
     """
-    return max(1, min(MAX_SPLITS, 8 * multiprocessors // (rows * num_kv_heads)))
+    return max(1, min(MAX_SPLITS, 4 * multiprocessors // (rows * num_kv_heads)))
 
 
 @functools.cache
