@@ -1,8 +1,11 @@
 """Do a decoder layer's GEMMs run slower after the packed decode kernel than after a
-16-bit attention? (In every low-bit engine profiled, the same cuBLAS GEMMs took longer
-than in the 16-bit engine of the same job: docs/BENCHMARKS.md, "tenth run".)
+16-bit attention? (In every low-bit engine profiled until then, the same cuBLAS GEMMs took
+longer than in the 16-bit engine of the same job: docs/BENCHMARKS.md, "tenth run".) They
+did with the kernel at 8 splits a (row, KV head), two waves of programs, and do not at 4,
+one wave, the engine's choice since (docs/BENCHMARKS.md, "eleventh run"); ``--splits``
+sets it.
 
-    python benchmarks/gemm_after_attention.py --out gemm_after.json
+    python benchmarks/gemm_after_attention.py --out gemm_after.json [--splits 8]
 
 Needs torch and triton only. 32 "layers" of Llama-3.1-8B decode shapes at batch 16
 (attention, o_proj, add + RMS norm, gate/up, SiLU, down, add + RMS norm, qkv; random
@@ -14,9 +17,6 @@ weights, the same for every layer) captured in one CUDA graph, the attention bei
 * ``packed_in_order``: the same rows with their blocks in order (scattered reads or not);
 * ``packed_then_stream``: ``packed``, then a 256 MiB read (whatever the packed kernel
   leaves in L2 is gone before o_proj);
-* ``packed_evict_first``: ``packed`` with its cache loads hinted ``evict_first`` in L2;
-* ``sdpa_then_write``: ``sdpa``, then a 2 MiB write (as much as the packed kernel's split
-  partials: dirty lines in L2);
 * ``packed_carveout_max`` / ``packed_carveout_min``: ``packed`` with its preferred
   shared-memory carveout set to 100% / 0% (the driver's choice otherwise: an SM that
   must change its L1 / shared split for the next kernel drains first);
@@ -25,6 +25,8 @@ weights, the same for every layer) captured in one CUDA graph, the attention bei
 * ``alu``: a Triton kernel of arithmetic alone on every SM for about as long (power, no
   memory);
 * ``sdpa``: PyTorch's SDPA over as many 16-bit keys and values;
+* ``sdpa_then_write``: ``sdpa``, then a 2 MiB write (as much as the packed kernel's split
+  partials at 8 splits: dirty lines in L2);
 * ``none``: no attention.
 
 Each graph is replayed ``--replays`` times under the profiler, ``--rounds`` rounds of all
@@ -57,9 +59,8 @@ HIDDEN, INTERMEDIATE, QKV = 4096, 14336, 6144
 BATCH, LAYERS = 16, 32
 
 
-KINDS = ("packed", "packed_in_order", "packed_then_stream", "packed_evict_first",
-         "packed_carveout_max", "packed_carveout_min", "packed_then_alu", "alu", "sdpa",
-         "sdpa_then_write", "none")
+KINDS = ("packed", "packed_in_order", "packed_then_stream", "packed_carveout_max",
+         "packed_carveout_min", "packed_then_alu", "alu", "sdpa", "sdpa_then_write", "none")
 CARVEOUTS = {"packed_carveout_max": 100, "packed_carveout_min": 0}
 # CUfunction_attribute CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 _CARVEOUT_ATTRIBUTE = 9
@@ -90,7 +91,7 @@ def _alu_kernel(out_ptr, iterations, BLOCK: tl.constexpr):
 class Layers:
     """The decode layers of one run, on random weights."""
 
-    def __init__(self, prompt_len: int, retain_rate: float) -> None:
+    def __init__(self, prompt_len: int, retain_rate: float, splits: int | None) -> None:
         shape = argparse.Namespace(batch=BATCH, prompt_len=prompt_len, retain_rate=retain_rate,
                                    residual=128, num_q_heads=32, num_kv_heads=8, head_dim=128,
                                    block_size=16, value_group=32, pack_due=False,
@@ -107,6 +108,7 @@ class Layers:
         self.short_alu_iterations = 1
         self.attn_out = torch.empty_like(self.inputs[0])
         self.arrivals = torch.zeros(BATCH * 9, dtype=torch.int32, device="cuda")
+        self.splits = splits
         self.no_pages = torch.full((BATCH,), -1, dtype=torch.int32, device="cuda")
         kept = int(prompt_len * retain_rate) + 1
         bf16 = dict(device="cuda", dtype=torch.bfloat16)
@@ -123,13 +125,9 @@ class Layers:
     def attention(self, kind: str) -> torch.Tensor:
         if kind.startswith("packed"):
             inputs = self.in_order if kind == "packed_in_order" else self.inputs
-            packed_attention.CACHE_EVICTION = "evict_first" if kind == "packed_evict_first" else ""
-            try:
-                packed_decode_attention(*inputs, self.attn_out, scale=0.088,
-                                        layout=self.layout, arrivals=self.arrivals,
-                                        pack_pages=self.no_pages)
-            finally:
-                packed_attention.CACHE_EVICTION = ""
+            packed_decode_attention(*inputs, self.attn_out, scale=0.088, layout=self.layout,
+                                    arrivals=self.arrivals, pack_pages=self.no_pages,
+                                    splits=self.splits)  # fmt: skip
             set_carveout(packed_attention._packed_decode_kernel, CARVEOUTS.get(kind, -1))
             if kind == "packed_then_stream":
                 torch.sum(self.stream, dim=0, dtype=torch.int64, out=self.stream_sum)
@@ -218,8 +216,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--splits", type=int, default=None,
+                        help="the packed kernel's splits (default: as the engine picks them)")
     args = parser.parse_args()
-    layers = Layers(args.prompt_len, args.retain_rate)
+    layers = Layers(args.prompt_len, args.retain_rate, args.splits)
     if "packed_then_alu" in args.kinds:
         calibrate_alu(layers, 2.0)
         layers.short_alu_iterations = layers.alu_iterations

@@ -327,9 +327,7 @@ kernels = [
           TILES_PER_PAGE=triton.cdiv(layout.blocks_per_page, tile_blocks),
           DOT_DTYPE={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype],
           DOT_PRECISION="tf32", MERGE_G_PAD=4, SPLITS_PAD=16,
-          USED_WORDS=layout.used_page_words, COPY_BLOCK=packed_attention.PAGE_COPY_WORDS,
-          EVICTION=packed_attention.CACHE_EVICTION,
-          PREFETCH_PAGE=packed_attention.PREFETCH_PAGE),
+          USED_WORDS=layout.used_page_words, COPY_BLOCK=packed_attention.PAGE_COPY_WORDS),
      dict(maxnreg=packed_attention.MAX_REGISTERS)),  # as packed_decode_attention launches it
 ]
 for kernel, pointers, constexprs, launch_options in kernels:

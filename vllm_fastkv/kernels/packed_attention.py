@@ -40,7 +40,6 @@ Semantics: :func:`vllm_fastkv.kernels.reference.packed_decode_attention_ref`.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 
@@ -83,14 +82,6 @@ MAX_REGISTERS = 128
 #: asked for explicitly), so every batch size shares one variant.
 MAX_SPLITS = 16
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-#: L2 eviction hint of the decode kernel's cache loads ("" for none, or "evict_first":
-#: every code word, scale and full-precision entry is read by one program once a step).
-CACHE_EVICTION = ""
-#: Load the next packed tile's page number while this tile is dequantised and attended.
-PREFETCH_PAGE = True
-#: Preferred shared-memory carveout of the decode kernel, percent of an SM's unified L1 /
-#: shared memory (-1: the driver's choice).
-SHARED_CARVEOUT = -1
 #: int32 words the program that finishes a page packed after attention copies at a time
 #: (16 KiB, 32 registers a thread at 4 warps): a 2-bit Llama-3.1-8B page is 14,336 words,
 #: four round trips through L2 instead of fourteen at the packing launch's 1,024.
@@ -253,7 +244,7 @@ def _packed_decode_kernel(
     TILE_BLOCKS: tl.constexpr, TILES_PER_PAGE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MERGE_G_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, USED_WORDS: tl.constexpr,
-    COPY_BLOCK: tl.constexpr, EVICTION: tl.constexpr, PREFETCH_PAGE: tl.constexpr,
+    COPY_BLOCK: tl.constexpr,
 ):
     """Program (row, KV head, split): that split's tiles of the row for the KV head's query
     heads; writes the partial max / sum / output of each query head, and the last split of
@@ -303,17 +294,17 @@ def _packed_decode_kernel(
         row_block = rows // BLOCK
         row_tok = rows % BLOCK
         vword = tl.arange(0, VALUE_WORDS)
+        # The next tile's page number is loaded while this tile is attended, so a tile's
+        # code loads wait on one load, not two in a row (H200, 2-bit, 32 layers in a CUDA
+        # graph: 61.0 against 62.2 us a layer, docs/BENCHMARKS.md, eleventh run).
         num_tiles = num_pages * TILES_PER_PAGE
         next_page = tl.load(row_ptr + (split // TILES_PER_PAGE) * R,
                             mask=split < num_tiles, other=0).to(tl.int64)
         for tile in range(split, num_tiles, splits):
-            if PREFETCH_PAGE:
-                page = next_page
-                following = tile + splits
-                next_page = tl.load(row_ptr + (following // TILES_PER_PAGE) * R,
-                                    mask=following < num_tiles, other=0).to(tl.int64)
-            else:
-                page = tl.load(row_ptr + (tile // TILES_PER_PAGE) * R).to(tl.int64)
+            page = next_page
+            following = tile + splits
+            next_page = tl.load(row_ptr + (following // TILES_PER_PAGE) * R,
+                                mask=following < num_tiles, other=0).to(tl.int64)
             first_block = (tile % TILES_PER_PAGE) * TILE_BLOCKS
             head_base = page * page_words + h * HEAD_WORDS
             # Token i of the tile is token i % BLOCK of the tile's block i // BLOCK.
@@ -326,13 +317,11 @@ def _packed_decode_kernel(
             word_valid = (word_block < R)[None, :]
             k_words = tl.load(words_ptr + head_base + word_block[None, :] * BLOCK_WORDS
                               + dim[:, None] * KEY_WORDS + (col % KEY_WORDS)[None, :],
-                              mask=word_valid, other=0, eviction_policy=EVICTION)
+                              mask=word_valid, other=0)
             k_halves = (halves_ptr + 2 * (head_base + word_block * BLOCK_WORDS)[None, :]
                         + dim[:, None])
-            k_scale = tl.load(k_halves + KEY_SCALE, mask=word_valid, other=0.0,
-                              eviction_policy=EVICTION).to(tl.float32)
-            k_min = tl.load(k_halves + KEY_MIN, mask=word_valid, other=0.0,
-                            eviction_policy=EVICTION).to(tl.float32)
+            k_scale = tl.load(k_halves + KEY_SCALE, mask=word_valid, other=0.0).to(tl.float32)
+            k_min = tl.load(k_halves + KEY_MIN, mask=word_valid, other=0.0).to(tl.float32)
             k_t = _dequantize(k_words, k_scale, k_min, BITS, DOT_DTYPE)
             # Values [TILE, DIM]: word w of a token holds channels of group
             # w * PER_WORD // VGROUP. Dequantised as [DIM, TILE] and transposed, which
@@ -342,13 +331,13 @@ def _packed_decode_kernel(
             # instructions, 2 fewer barriers).
             v_words = tl.load(words_ptr + block_base[None, :] + VALUE_CODES
                               + row_tok[None, :] * VALUE_WORDS + vword[:, None],
-                              mask=row_valid[None, :], other=0, eviction_policy=EVICTION)
+                              mask=row_valid[None, :], other=0)
             grp = (2 * block_base[None, :] + row_tok[None, :] * NG
                    + (vword * PER_WORD // VGROUP)[:, None])
             v_scale = tl.load(halves_ptr + grp + VALUE_SCALE, mask=row_valid[None, :],
-                              other=0.0, eviction_policy=EVICTION).to(tl.float32)
+                              other=0.0).to(tl.float32)
             v_min = tl.load(halves_ptr + grp + VALUE_MIN, mask=row_valid[None, :],
-                            other=0.0, eviction_policy=EVICTION).to(tl.float32)
+                            other=0.0).to(tl.float32)
             v = tl.trans(_dequantize_rows(v_words, v_scale, v_min, BITS, DOT_DTYPE))
             m_i, l_cols, acc = _attend(q, k_t, v, m_i, l_cols, acc, row_valid, DOT_PRECISION)
         l_i = tl.sum(l_cols, axis=1)
@@ -364,10 +353,10 @@ def _packed_decode_kernel(
             valid = start + tok < seq_len
             k_t = tl.load(key_ptr + block * stride_kb + tok[None, :] * stride_ks
                           + h * stride_kh + dim[:, None] * stride_kd,
-                          mask=valid[None, :], other=0.0, eviction_policy=EVICTION)
+                          mask=valid[None, :], other=0.0)
             v = tl.load(value_ptr + block * stride_vb + tok[:, None] * stride_vs
                         + h * stride_vh + dim[None, :] * stride_vd,
-                        mask=valid[:, None], other=0.0, eviction_policy=EVICTION)
+                        mask=valid[:, None], other=0.0)
             m_i, l_i, acc = _attend(q, k_t.to(DOT_DTYPE), v.to(DOT_DTYPE), m_i, l_i, acc,
                                     valid, DOT_PRECISION)
         # Scratch [rows, num_q_heads, splits] (+ [DIM]); a split without tiles leaves
@@ -500,12 +489,15 @@ def decode_splits(rows: int, num_kv_heads: int, device: torch.device) -> int:
 
 
 def splits_for(rows: int, num_kv_heads: int, multiprocessors: int) -> int:
-    """About 8 programs per multiprocessor, 1 to ``MAX_SPLITS`` splits.
+    """About 4 programs per multiprocessor (one wave: 4 fit, at 128 registers a thread),
+    1 to ``MAX_SPLITS`` splits.
 
-    Nsight Compute on an H200 (132 multiprocessors), batch 16 x 8 KV heads: 8 splits took
-    117K-120K cycles a layer against 143K-146K at 5 (4 programs per multiprocessor): with
-    ~3 programs resident per multiprocessor, more and shorter programs leave less of a
-    last partial wave.
+    On an H200 (132 multiprocessors), batch 16 x 8 KV heads, timed where it runs, in a
+    CUDA graph of 32 decode layers between the model's GEMMs (docs/BENCHMARKS.md, eleventh
+    run): 4 splits 59.8 us a layer against 62.2 at 8 and 77.2 at 6, and the gate/up GEMM
+    that follows two kernels later 57.1 against 59.9 us (as after a 16-bit attention) at
+    8; 8 splits had the fewest cycles under Nsight Compute of the kernel alone (117K-120K
+    against 143K-146K at 5), which the layer as a whole does not bear out.
     """
     return max(1, min(MAX_SPLITS, 4 * multiprocessors // (rows * num_kv_heads)))
 
@@ -617,7 +609,7 @@ def packed_decode_attention(
     # Triton's CPU interpreter mis-multiplies bf16 operands produced in registers, so
     # there (and for fp32 caches) they run in fp32.
     dot_dtype = _DOT_DTYPES.get(key_cache.dtype) if key_cache.is_cuda else None
-    compiled = _packed_decode_kernel[(rows, layout.num_kv_heads, splits)](
+    _packed_decode_kernel[(rows, layout.num_kv_heads, splits)](
         query, key_cache, value_cache, words, halves, block_table, query_start_loc, seq_lens,
         packed_pages, part_max, part_sum, part_acc, arrivals, output, pack_pages, stage,
         stage.view(torch.float16),
@@ -634,23 +626,7 @@ def packed_decode_attention(
         MERGE_G_PAD=triton.next_power_of_2(group),
         SPLITS_PAD=triton.next_power_of_2(max(splits, MAX_SPLITS)),
         USED_WORDS=layout.used_page_words, COPY_BLOCK=PAGE_COPY_WORDS,
-        EVICTION=CACHE_EVICTION, PREFETCH_PAGE=PREFETCH_PAGE,
         num_warps=num_warps or DEFAULT_NUM_WARPS,
         num_stages=num_stages or DEFAULT_NUM_STAGES, maxnreg=max_registers or MAX_REGISTERS,
     )  # fmt: skip
-    if SHARED_CARVEOUT >= 0 and query.device.type == "cuda":
-        _prefer_carveout(compiled.function, SHARED_CARVEOUT)
     return output
-
-
-@functools.cache
-def _prefer_carveout(function: int, percent: int) -> None:
-    """Set a compiled kernel's preferred shared-memory carveout (once per kernel)."""
-    status = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(
-        ctypes.c_void_p(function), _CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent
-    )
-    if status != 0:
-        raise RuntimeError(f"cuFuncSetAttribute(carveout {percent}): CUresult {status}")
-
-
-_CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9
