@@ -1,9 +1,9 @@
 """Do a decoder layer's GEMMs run slower after the packed decode kernel than after a
 16-bit attention? (In every low-bit engine profiled until then, the same cuBLAS GEMMs took
-longer than in the 16-bit engine of the same job: docs/BENCHMARKS.md, "tenth run".) They
-did with the kernel at 8 splits a (row, KV head), two waves of programs, and do not at 4,
-one wave, the engine's choice since (docs/BENCHMARKS.md, "eleventh run"); ``--splits``
-sets it.
+longer than in the 16-bit engine of the same job: docs/BENCHMARKS.md, "tenth run".) On
+three machines they did with the kernel at 8 splits a (row, KV head), two waves of
+programs, and did not at 4, one wave, the engine's choice since; on a fourth the gate/up
+GEMM ran faster after 8 splits (docs/BENCHMARKS.md, "eleventh run"). ``--splits`` sets it.
 
     python benchmarks/gemm_after_attention.py --out gemm_after.json [--splits 8]
 

@@ -492,12 +492,13 @@ def splits_for(rows: int, num_kv_heads: int, multiprocessors: int) -> int:
     """About 4 programs per multiprocessor (one wave: 4 fit, at 128 registers a thread),
     1 to ``MAX_SPLITS`` splits.
 
-    On an H200 (132 multiprocessors), batch 16 x 8 KV heads, timed where it runs, in a
+    On H200s (132 multiprocessors), batch 16 x 8 KV heads, timed where it runs, in a
     CUDA graph of 32 decode layers between the model's GEMMs (docs/BENCHMARKS.md, eleventh
-    run): 4 splits 59.8 us a layer against 62.2 at 8 and 77.2 at 6, and the gate/up GEMM
-    that follows two kernels later 57.1 against 59.9 us (as after a 16-bit attention) at
-    8; 8 splits had the fewest cycles under Nsight Compute of the kernel alone (117K-120K
-    against 143K-146K at 5), which the layer as a whole does not bear out.
+    run): 4 splits 58.4-59.9 us a layer against 61.1-62.2 at 8 and 77.2 at 6 on two
+    machines; 8 splits had the fewest cycles under Nsight Compute of the kernel alone
+    (117K-120K against 143K-146K at 5), which timing it in place does not bear out. (On
+    three machines the gate/up GEMM after the 8-split kernel also ran 2.6-2.9 us slower
+    than after a 16-bit attention and as fast at 4 splits; on a fourth, faster at 8.)
     """
     return max(1, min(MAX_SPLITS, 4 * multiprocessors // (rows * num_kv_heads)))
 
