@@ -492,14 +492,15 @@ def splits_for(rows: int, num_kv_heads: int, multiprocessors: int) -> int:
     """About 4 programs per multiprocessor (one wave: 4 fit, at 128 registers a thread),
     1 to ``MAX_SPLITS`` splits.
 
-    On H200s (132 multiprocessors), batch 16 x 8 KV heads, timed where it runs, in a
-    CUDA graph of 32 decode layers between the model's GEMMs (docs/BENCHMARKS.md, eleventh
-    run): 4 splits 58.4-59.9 us a layer against 60.7-62.2 at 8 and 77.2 at 6 on three
-    machines, and the rule at batch 8 / 32 / 64 (8 / 2 / 1 splits) 32.5 / 110.7 / 215.4 us
-    against 35.1 / 112.6 / 216.8 with twice the splits; 8 splits had the fewest cycles under Nsight Compute of the kernel alone
-    (117K-120K against 143K-146K at 5), which timing it in place does not bear out. (On
-    three machines the gate/up GEMM after the 8-split kernel also ran 2.6-2.9 us slower
-    than after a 16-bit attention and as fast at 4 splits; on a fourth, faster at 8.)
+    On H200s (132 multiprocessors), 8 KV heads, timed where it runs, in CUDA graphs
+    between the model's GEMMs (docs/BENCHMARKS.md, eleventh run): at batch 16, 4 splits
+    58.4-59.9 us a layer against 60.7-62.2 at 8 and 77.2 at 6 on three machines; at batch
+    8 / 32 / 64 (8 / 2 / 1 splits) 32.5 / 110.7 / 215.4 us against 35.1 / 112.6 / 216.8
+    with twice the splits. 8 splits had the fewest cycles under Nsight Compute of the
+    kernel alone at batch 16 (117K-120K against 143K-146K at 5), which timing it in place
+    does not bear out. (On three machines the gate/up GEMM after the 8-split kernel also
+    ran 2.6-2.9 us slower than after a 16-bit attention and as fast at 4 splits; on a
+    fourth, faster at 8.)
     """
     return max(1, min(MAX_SPLITS, 4 * multiprocessors // (rows * num_kv_heads)))
 
