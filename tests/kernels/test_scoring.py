@@ -289,6 +289,23 @@ def test_mass_kernel_walks_many_tiles_per_split(
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_mass_kernel_tokens_as_rows(block_n, pooling, paged_kv, device, poison_empty, monkeypatch):
+    """``_MASS_TOKENS_AS_ROWS``: the mass kernel's logits as keys x queries give the
+    reference's scores (per KV head with avg pooling, per query head with max), with the
+    log-sum-exps given and without, over prompts that end inside, at the start of or
+    before a tile and ones shorter than the window."""
+    monkeypatch.setattr(scoring, "_MASS_TOKENS_AS_ROWS", True)
+    monkeypatch.setattr(scoring, "_MASS_BLOCK_N", block_n)
+    args = ragged_batch(paged_kv, device, seed=23)
+    kwargs = dict(scale=0.125, window=8, pooling=pooling)
+    ref = window_scores_ref(*args, **kwargs)
+    lse = window_lse_ref(*args, scale=0.125, window=8)
+    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
 def test_fused_many_items_and_merge_groups(pooling, paged_kv, device, poison_empty, monkeypatch):
     """Fused kernel with many items per unit (one tile each), merge groups of two items
     (so the log-sum-exp tree has both levels, with a ragged last group), the batch scanned
@@ -420,20 +437,24 @@ def test_fused_kernel_compiles_for_sm90(key_dtype, pooling):
         assert instruction in ptx, instruction
 
 
-def test_pooling_launch_overlaps_mass_kernel_on_sm90():
+@pytest.mark.parametrize("tokens_as_rows", [False, True])
+def test_pooling_launch_overlaps_mass_kernel_on_sm90(tokens_as_rows):
     """With the log-sum-exps given, the two launches on Hopper: every mass program lets
     the dependent pooling launch start, and the pooling kernel reads no mass before
-    ``griddepcontrol.wait`` (its only earlier load is the sequence length)."""
+    ``griddepcontrol.wait`` (its only earlier load is the sequence length). With the
+    logits as keys x queries the product is a warpgroup MMA."""
     mass_ptx = compile_for_sm90(
         "_window_mass_kernel",
         dict(query_ptr="*bf16", key_cache_ptr="*bf16", block_table_ptr="*i32",
              seq_lens_ptr="*i32", lse_ptr="*fp32", mass_ptr="*fp32"),
         dict(PAGE_SIZE=16, G_PAD=4, W_PAD=8, D_PAD=128, BLOCK_N=64, SUM_GROUP=True,
-             DOT_PRECISION="tf32", NUM_STAGES=2, LAUNCH_POOLING=True, stride_qd=1, stride_kd=1),
+             DOT_PRECISION="tf32", NUM_STAGES=2, LAUNCH_POOLING=True,
+             TOKENS_AS_ROWS=tokens_as_rows, stride_qd=1, stride_kd=1),
         KEY_STRIDES, num_warps=4,
     )  # fmt: skip
     assert "griddepcontrol.launch_dependents" in mass_ptx
     assert "cp.async" in mass_ptx
+    assert ("wgmma.mma_async" in mass_ptx) == tokens_as_rows
     pool_ptx = compile_for_sm90(
         "_pool_group_kernel",
         dict(mass_ptr="*fp32", seq_lens_ptr="*i32", out_ptr="*fp32"),
