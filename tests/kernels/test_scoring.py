@@ -94,6 +94,17 @@ def assert_scores_match(out, ref, rel_tol):
     assert err <= rel_tol, f"relative error {err:.3g} > {rel_tol}"
 
 
+def assert_ragged_batch_scores(paged_kv, device, seed, pooling):
+    """``window_scores`` on :func:`ragged_batch` equals the reference, with the
+    log-sum-exps given and without (fp32 tolerance)."""
+    args = ragged_batch(paged_kv, device, seed=seed)
+    kwargs = dict(scale=0.125, window=8, pooling=pooling)
+    ref = window_scores_ref(*args, **kwargs)
+    lse = window_lse_ref(*args, scale=0.125, window=8)
+    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     seq_lens=st.lists(st.integers(1, 70), min_size=1, max_size=3),
@@ -280,12 +291,7 @@ def test_mass_kernel_walks_many_tiles_per_split(
     monkeypatch.setattr(scoring, "_MASS_BLOCK_N", 16)
     monkeypatch.setattr(scoring, "_PROGRAMS_WITHOUT_GPU", programs)
     monkeypatch.setattr(scoring, "_MASS_MAX_TILES_PER_SPLIT", max_tiles)
-    args = ragged_batch(paged_kv, device, seed=17)
-    kwargs = dict(scale=0.125, window=8, pooling=pooling)
-    ref = window_scores_ref(*args, **kwargs)
-    lse = window_lse_ref(*args, scale=0.125, window=8)
-    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
-    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_ragged_batch_scores(paged_kv, device, seed=17, pooling=pooling)
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
@@ -297,12 +303,7 @@ def test_mass_kernel_tokens_as_rows(block_n, pooling, paged_kv, device, poison_e
     before a tile and ones shorter than the window."""
     monkeypatch.setattr(scoring, "_MASS_TOKENS_AS_ROWS", True)
     monkeypatch.setattr(scoring, "_MASS_BLOCK_N", block_n)
-    args = ragged_batch(paged_kv, device, seed=23)
-    kwargs = dict(scale=0.125, window=8, pooling=pooling)
-    ref = window_scores_ref(*args, **kwargs)
-    lse = window_lse_ref(*args, scale=0.125, window=8)
-    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
-    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_ragged_batch_scores(paged_kv, device, seed=23, pooling=pooling)
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
