@@ -90,7 +90,6 @@ MASS_TUNING = dict(
     _MASS_PROGRAMS_PER_SM=(2, 4, 8),
     _MASS_NUM_STAGES=(2, 3, 4),
     _MASS_NUM_WARPS=(4, 8),
-    _MASS_TOKENS_AS_ROWS=(False, True),
 )
 COMPACT_TUNING = dict(_BLOCK_R=(16, 32, 64, 128, 256), _NUM_WARPS=(2, 4, 8))
 TUNING_GRIDS = ("mass", "compact")

@@ -94,17 +94,6 @@ def assert_scores_match(out, ref, rel_tol):
     assert err <= rel_tol, f"relative error {err:.3g} > {rel_tol}"
 
 
-def assert_ragged_batch_scores(paged_kv, device, seed, pooling):
-    """``window_scores`` on :func:`ragged_batch` equals the reference, with the
-    log-sum-exps given and without (fp32 tolerance)."""
-    args = ragged_batch(paged_kv, device, seed=seed)
-    kwargs = dict(scale=0.125, window=8, pooling=pooling)
-    ref = window_scores_ref(*args, **kwargs)
-    lse = window_lse_ref(*args, scale=0.125, window=8)
-    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
-    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
-
-
 @settings(max_examples=25, deadline=None)
 @given(
     seq_lens=st.lists(st.integers(1, 70), min_size=1, max_size=3),
@@ -291,19 +280,12 @@ def test_mass_kernel_walks_many_tiles_per_split(
     monkeypatch.setattr(scoring, "_MASS_BLOCK_N", 16)
     monkeypatch.setattr(scoring, "_PROGRAMS_WITHOUT_GPU", programs)
     monkeypatch.setattr(scoring, "_MASS_MAX_TILES_PER_SPLIT", max_tiles)
-    assert_ragged_batch_scores(paged_kv, device, seed=17, pooling=pooling)
-
-
-@pytest.mark.parametrize("pooling", ["avg", "max"])
-@pytest.mark.parametrize("block_n", [16, 64])
-def test_mass_kernel_tokens_as_rows(block_n, pooling, paged_kv, device, poison_empty, monkeypatch):
-    """``_MASS_TOKENS_AS_ROWS``: the mass kernel's logits as keys x queries give the
-    reference's scores (per KV head with avg pooling, per query head with max), with the
-    log-sum-exps given and without, over prompts that end inside, at the start of or
-    before a tile and ones shorter than the window."""
-    monkeypatch.setattr(scoring, "_MASS_TOKENS_AS_ROWS", True)
-    monkeypatch.setattr(scoring, "_MASS_BLOCK_N", block_n)
-    assert_ragged_batch_scores(paged_kv, device, seed=23, pooling=pooling)
+    args = ragged_batch(paged_kv, device, seed=17)
+    kwargs = dict(scale=0.125, window=8, pooling=pooling)
+    ref = window_scores_ref(*args, **kwargs)
+    lse = window_lse_ref(*args, scale=0.125, window=8)
+    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
@@ -438,24 +420,20 @@ def test_fused_kernel_compiles_for_sm90(key_dtype, pooling):
         assert instruction in ptx, instruction
 
 
-@pytest.mark.parametrize("tokens_as_rows", [False, True])
-def test_pooling_launch_overlaps_mass_kernel_on_sm90(tokens_as_rows):
+def test_pooling_launch_overlaps_mass_kernel_on_sm90():
     """With the log-sum-exps given, the two launches on Hopper: every mass program lets
     the dependent pooling launch start, and the pooling kernel reads no mass before
-    ``griddepcontrol.wait`` (its only earlier load is the sequence length). With the
-    logits as keys x queries the product is a warpgroup MMA."""
+    ``griddepcontrol.wait`` (its only earlier load is the sequence length)."""
     mass_ptx = compile_for_sm90(
         "_window_mass_kernel",
         dict(query_ptr="*bf16", key_cache_ptr="*bf16", block_table_ptr="*i32",
              seq_lens_ptr="*i32", lse_ptr="*fp32", mass_ptr="*fp32"),
         dict(PAGE_SIZE=16, G_PAD=4, W_PAD=8, D_PAD=128, BLOCK_N=64, SUM_GROUP=True,
-             DOT_PRECISION="tf32", NUM_STAGES=2, LAUNCH_POOLING=True,
-             TOKENS_AS_ROWS=tokens_as_rows, stride_qd=1, stride_kd=1),
+             DOT_PRECISION="tf32", NUM_STAGES=2, LAUNCH_POOLING=True, stride_qd=1, stride_kd=1),
         KEY_STRIDES, num_warps=4,
     )  # fmt: skip
     assert "griddepcontrol.launch_dependents" in mass_ptx
     assert "cp.async" in mass_ptx
-    assert ("wgmma.mma_async" in mass_ptx) == tokens_as_rows
     pool_ptx = compile_for_sm90(
         "_pool_group_kernel",
         dict(mass_ptr="*fp32", seq_lens_ptr="*i32", out_ptr="*fp32"),

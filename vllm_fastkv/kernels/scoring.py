@@ -81,10 +81,6 @@ _MASS_BLOCK_N = 64
 _MASS_PROGRAMS_PER_SM = 8
 _MASS_NUM_STAGES = 2
 _MASS_NUM_WARPS = 4
-# The mass kernel's logits as keys x queries (see _window_mass_kernel): fewer shuffles
-# and instructions a tile on sm_90; not timed on a GPU yet, so off until
-# ``bench_kernels.py --tune mass`` has.
-_MASS_TOKENS_AS_ROWS = False
 # At most this many tiles a program: in a ragged batch (one long prompt among many short
 # ones, as when several prompts finish their prefill in one step) the per-unit split count
 # aimed at the whole batch would otherwise leave the long prompt's keys to few programs,
@@ -156,24 +152,14 @@ def _key_tile_logits(
     stride_kb, stride_ks, stride_kh, stride_kd, offs_d, d_mask, qk_scale,
     PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Logits (log2 units) of the query rows ``q`` against logical tokens ``tok``."""
-    k = _gather_key_tile(key_cache_ptr, block_table_row_ptr, h, tok, tok_mask,
-                         stride_kb, stride_ks, stride_kh, stride_kd, offs_d, d_mask,
-                         PAGE_SIZE).to(q.dtype)  # fmt: skip
-    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    """Logits (log2 units) of the query rows ``q`` against logical tokens ``tok``.
 
-
-@triton.jit
-def _gather_key_tile(
-    key_cache_ptr, block_table_row_ptr, h, tok, tok_mask,
-    stride_kb, stride_ks, stride_kh, stride_kd, offs_d, d_mask, PAGE_SIZE: tl.constexpr,
-):
-    """KV head ``h``'s keys of logical tokens ``tok`` ``[len(tok), D_PAD]``, gathered
-    through the block table; masked tokens read as zero keys."""
+    Keys are gathered through the block table; masked tokens read as zero keys."""
     block = tl.load(block_table_row_ptr + tok // PAGE_SIZE, mask=tok_mask, other=0).to(tl.int64)
     ptrs = (key_cache_ptr + block[:, None] * stride_kb + (tok % PAGE_SIZE)[:, None] * stride_ks
             + h * stride_kh + offs_d[None, :] * stride_kd)
-    return tl.load(ptrs, mask=tok_mask[:, None] & d_mask[None, :], other=0.0)
+    k = tl.load(ptrs, mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
 
 
 @triton.jit
@@ -267,7 +253,7 @@ def _window_mass_kernel(
     window, group, head_dim, qk_scale, lse_to_log2, width, tiles_per_split,
     PAGE_SIZE: tl.constexpr, G_PAD: tl.constexpr, W_PAD: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, SUM_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr, LAUNCH_POOLING: tl.constexpr, TOKENS_AS_ROWS: tl.constexpr,
+    NUM_STAGES: tl.constexpr, LAUNCH_POOLING: tl.constexpr,
 ):
     """Two-pass step 2: ``mass[s, q, j] = sum_i softmax_row(q, i)[j]`` for the split's
     tokens ``j < T - window`` (and ``< width``); other entries are left untouched. With
@@ -285,16 +271,7 @@ def _window_mass_kernel(
     With ``LAUNCH_POOLING`` (Hopper and later) every program lets the pooling launch,
     made as a programmatic dependent launch, start at once: its programs take the SM
     slots this kernel's programs leave and wait there for its end, instead of being
-    launched after it.
-
-    With ``TOKENS_AS_ROWS`` a tile's logits are computed as keys times queries,
-    ``[BLOCK_N, M]``, instead of ``[M, BLOCK_N]``: a token's mass is then a sum along a
-    row of the product, which a thread mostly holds itself, where a column sum crosses
-    the lanes that hold the rows; and with 64 key rows the product is a warpgroup MMA
-    (wgmma) reading the keys from shared memory, where 32 query rows were too few for one
-    (sm_90 SASS, bf16 keys, 64-key tiles, 4 warps, avg pooling: 404 instructions a thread
-    and tile against 438, 4 shuffles against 12, no shared-to-register operand loads
-    against 24)."""
+    launched after it."""
     M: tl.constexpr = G_PAD * W_PAD
     if LAUNCH_POOLING:
         tl.extra.cuda.gdc_launch_dependents()
@@ -314,43 +291,26 @@ def _window_mass_kernel(
                 + (h * group + offs_m // W_PAD) * stride_lh)
     lse = tl.load(lse_ptrs, mask=row_valid & (first < last), other=0.0) * lse_to_log2
     block_table_row_ptr = block_table_ptr + s.to(tl.int64) * stride_bt
-    offs_g = tl.arange(0, G_PAD)
-    if TOKENS_AS_ROWS:
-        q_t = tl.trans(q)
     for tile in tl.range(first, last, num_stages=NUM_STAGES):
         tok = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         tok_mask = tok < num_scored
+        logits = _key_tile_logits(q, key_cache_ptr, block_table_row_ptr, h, tok, tok_mask,
+                                  stride_kb, stride_ks, stride_kh, stride_kd,
+                                  offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_PRECISION)
         # logit <= lse in exact arithmetic; the clamp only keeps rows that saw no key
-        # (lse ~ -1e30, prompts shorter than the window) from overflowing. Padded query
-        # rows carry zero mass, so with SUM_GROUP the plain sum over rows is the group sum.
-        if TOKENS_AS_ROWS:
-            k = _gather_key_tile(key_cache_ptr, block_table_row_ptr, h, tok, tok_mask,
-                                 stride_kb, stride_ks, stride_kh, stride_kd, offs_d, d_mask,
-                                 PAGE_SIZE).to(q.dtype)  # fmt: skip
-            logits_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
-            probs_t = tl.where(row_valid[None, :],
-                               tl.exp2(tl.minimum(logits_t - lse[None, :], 0.0)), 0.0)
-            if SUM_GROUP:
-                group_mass = tl.sum(probs_t, axis=1)
-            else:
-                group_mass = tl.trans(tl.sum(tl.reshape(probs_t, [BLOCK_N, G_PAD, W_PAD]),
-                                             axis=2))  # fmt: skip
-        else:
-            logits = _key_tile_logits(q, key_cache_ptr, block_table_row_ptr, h, tok, tok_mask,
-                                      stride_kb, stride_ks, stride_kh, stride_kd,
-                                      offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_PRECISION)
-            probs = tl.where(row_valid[:, None],
-                             tl.exp2(tl.minimum(logits - lse[:, None], 0.0)), 0.0)
-            if SUM_GROUP:
-                group_mass = tl.sum(probs, axis=0)
-            else:
-                group_mass = tl.sum(tl.reshape(probs, [G_PAD, W_PAD, BLOCK_N]), axis=1)
+        # (lse ~ -1e30, prompts shorter than the window) from overflowing.
+        probs = tl.where(row_valid[:, None], tl.exp2(tl.minimum(logits - lse[:, None], 0.0)),
+                         0.0)
+        mass = tl.sum(tl.reshape(probs, [G_PAD, W_PAD, BLOCK_N]), axis=1)
         if SUM_GROUP:
-            tl.store(mass_ptr + s * stride_ms + h * stride_mh + tok, group_mass, mask=tok_mask)
+            # Padded rows carry zero mass, so the plain column sum is the group sum.
+            tl.store(mass_ptr + s * stride_ms + h * stride_mh + tok, tl.sum(mass, axis=0),
+                     mask=tok_mask)  # fmt: skip
         else:
+            offs_g = tl.arange(0, G_PAD)
             ptrs = (mass_ptr + s * stride_ms + (h * group + offs_g)[:, None] * stride_mh
                     + tok[None, :])  # fmt: skip
-            tl.store(ptrs, group_mass, mask=(offs_g < group)[:, None] & tok_mask[None, :])
+            tl.store(ptrs, mass, mask=(offs_g < group)[:, None] & tok_mask[None, :])
 
 
 @triton.jit
@@ -872,7 +832,7 @@ def _two_pass_scores(
         stride_ms=mass.stride(0), stride_mh=mass.stride(1), lse_to_log2=lse_to_log2,
         width=width, tiles_per_split=tiles_per_split, G_PAD=g_pad, BLOCK_N=_MASS_BLOCK_N,
         SUM_GROUP=pooling == "avg", NUM_STAGES=_MASS_NUM_STAGES, LAUNCH_POOLING=dependent,
-        TOKENS_AS_ROWS=_MASS_TOKENS_AS_ROWS, **(common | dict(num_warps=_MASS_NUM_WARPS)),
+        **(common | dict(num_warps=_MASS_NUM_WARPS)),
     )  # fmt: skip
     _pool_group_kernel[(num_seqs, num_kv_heads, triton.cdiv(width, _BLOCK_POOL))](
         mass, seq_lens, out,
