@@ -26,6 +26,7 @@ and the tables of docs/ACCURACY.md from that file.
     python -m benchmarks.accuracy.harness --model-dir DIR [--lengths 2048 4096 ...]
     python -m benchmarks.accuracy.harness --smollm2 [...]   # build the PyPI model first
     python -m benchmarks.accuracy.harness --retriever [...]  # or the trained retrieval model
+    python -m benchmarks.accuracy.harness --gguf FILE [...]  # or a GGUF (real_model.py)
 """
 
 from __future__ import annotations
@@ -216,6 +217,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
         from benchmarks.accuracy.real_model import build_retriever
 
         model_dir = build_retriever(model_dir)
+    elif args.gguf:
+        from benchmarks.accuracy.real_model import build_from_gguf
+
+        model_dir = build_from_gguf(args.gguf, model_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -250,6 +255,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retriever", action="store_true",
                    help="build the trained retrieval model (benchmarks/accuracy/retriever, "
                    "see train_retriever.py) into --model-dir")
+    p.add_argument("--gguf", default=None,
+                   help="convert this GGUF file (e.g. one real_model --pypi-gguf joined) into "
+                   "--model-dir")
     p.add_argument("--model-name", default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    choices=METHODS + LOW_BIT_METHODS)  # fmt: skip

