@@ -1,4 +1,4 @@
-"""A real pretrained LM for offline accuracy checks: SmolLM2-135M-Instruct from PyPI.
+"""Pretrained LMs from PyPI for offline accuracy checks (SmolLM2, Qwen2.5-Coder).
 
 Random-weight tiny models (``vllm_fastkv.tiny_model``) prove that FASTKV computes the
 same thing as its reference, but not that a language model still *answers* with a
