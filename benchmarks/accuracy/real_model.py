@@ -121,7 +121,6 @@ def build_retriever(out_dir: str | Path, asset: str | Path | None = None,
     transformers and the torch reference all load the exact model that ships.
     Idempotent like :func:`build_smollm2` (the marker holds the weights' digest).
     """
-    import hashlib
     import shutil
 
     import torch
@@ -135,7 +134,7 @@ def build_retriever(out_dir: str | Path, asset: str | Path | None = None,
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: train the model first "
                                 "(python -m benchmarks.accuracy.train_retriever train)")
-    expected = f"retriever {hashlib.sha256(weights.read_bytes()).hexdigest()}\n"
+    expected = f"retriever {_sha256(weights)}\n"
     out = Path(out_dir)
     marker = out / MARKER
     if not force and marker.is_file() and marker.read_text() == expected:
