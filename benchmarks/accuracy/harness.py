@@ -175,7 +175,11 @@ def score_rows(samples: list[dict], replies: list[str], base: dict) -> list[dict
 
 
 def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
-    """Replace rows measuring the same thing, keep the rest, write ``path``."""
+    """Replace rows measuring the same thing, keep the rest, write ``path``.
+
+    One row per line: the file travels with every checkout (and to the GPU machine),
+    so it stays compact, and a new run's diff shows whole rows.
+    """
     def key(row: dict) -> str:
         fields = ("model", "device", "method", "settings", "task", "context_len", "depth")
         return json.dumps([row[f] for f in fields], sort_keys=True)
@@ -184,7 +188,7 @@ def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     old = json.loads(path.read_text()) if path.exists() else []
     merged = [row for row in old if key(row) not in new] + rows
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+    path.write_text("[\n" + ",\n".join(json.dumps(row) for row in merged) + "\n]\n")
     return merged
 
 

@@ -1,7 +1,9 @@
-"""The harness's settings plumbing, without a model: which methods the scoring flags reach
-and how the report labels their rows."""
+"""The harness's settings plumbing, without a model: which methods the scoring flags reach,
+how the report labels their rows, and how reruns merge into the rows file."""
 
 from __future__ import annotations
+
+import json
 
 from benchmarks.accuracy import harness, report
 
@@ -26,3 +28,24 @@ def test_scoring_flags_reach_scored_methods_only():
     assert report.label(row) == "retention retain 0.1 window 32 pooling max"
     row["settings"] = harness.method_settings("retention", 0.1, 0.2)
     assert report.label(row) == "retention retain 0.1"
+
+
+def test_merge_rows_replaces_the_same_measurement_and_keeps_one_row_a_line(tmp_path):
+    """A rerun replaces the rows of the same model, device, method, settings and cell,
+    keeps every other row, and the file stays one JSON row per line."""
+    def row(method: str, depth: float, score: float, window: int | None = None) -> dict:
+        settings = {"retain_rate": 0.1} | ({"window": window} if window else {})
+        return {"date": "d", "device": "H200", "commit": "c", "model": "m", "method": method,
+                "settings": settings, "task": "passkey", "context_len": 2048,
+                "depth": depth, "score": score, "n": 2}  # fmt: skip
+
+    path = tmp_path / "rows.json"
+    first = [row("fastkv", 0.1, 0.0), row("fastkv", 0.5, 0.5), row("retention", 0.1, 1.0)]
+    assert harness.merge_rows(path, first) == first
+    rerun = [row("fastkv", 0.1, 1.0), row("fastkv", 0.1, 0.5, window=16)]
+    merged = harness.merge_rows(path, rerun)
+    assert merged == [first[1], first[2], *rerun]
+    lines = path.read_text().splitlines()
+    assert lines[0] == "[" and lines[-1] == "]" and len(lines) == len(merged) + 2
+    assert [json.loads(line.rstrip(",")) for line in lines[1:-1]] == merged
+    assert json.loads(path.read_text()) == merged
