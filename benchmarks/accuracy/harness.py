@@ -8,7 +8,8 @@ call, greedy, scored by exact match. Methods (``--methods``):
 * ``stock``: vLLM's default attention backend, full KV;
 * ``disabled``: FASTKV with ``enabled: false`` (must equal stock);
 * ``retention``: FASTKV KV retention alone (``tsp_rate 1.0``), SnapKV-like;
-* ``fastkv``: FASTKV with token-selective propagation (``tsp_rate`` from ``--tsp-rate``);
+* ``fastkv``: FASTKV with token-selective propagation (``tsp_rate`` from ``--tsp-rate``,
+  at ``--tsp-layer`` where given, else the config's middle of the stack);
 * ``recency``: keep the last tokens of the same block-rounded budget (``selection:
   recency``), the StreamingLLM-style baseline;
 * ``retention_4bit`` / ``retention_2bit``: retention with the kept KV stored at 4 / 2 bits
@@ -67,18 +68,24 @@ SCORED = ("retention", "fastkv", *LOW_BIT_METHODS)
 #: FastKV scoring settings the command line can set for the scored methods (retention,
 #: fastkv, low-bit): the observation window, the pooling and its kernel.
 SCORING_FIELDS = ("window", "pooling", "pool_kernel")
+#: Settings that make a row its own method in the report: the scoring fields and the
+#: fastkv method's TSP layer (``--tsp-layer``).
+LABEL_FIELDS = (*SCORING_FIELDS, "tsp_layer")
 
 
 def method_settings(method: str, rate: float, tsp_rate: float,
-                    scoring: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                    scoring: dict[str, Any] | None = None,
+                    tsp_layer: int | None = None) -> dict[str, Any] | None:  # fmt: skip
     """FastKV settings of a method (None: vLLM's own backend). ``scoring`` overrides the
     config's scoring defaults for the methods that score; recency and the unscored methods
-    ignore it, so their rows stay comparable whatever the scoring flags."""
+    ignore it, so their rows stay comparable whatever the scoring flags. ``tsp_layer``
+    reaches only ``fastkv``, the one method that propagates."""
     settings = {
         "stock": None,
         "disabled": {"enabled": False},
         "retention": {"retain_rate": rate, "tsp_rate": 1.0},
-        "fastkv": {"retain_rate": rate, "tsp_rate": tsp_rate},
+        "fastkv": {"retain_rate": rate, "tsp_rate": tsp_rate}
+        | ({} if tsp_layer is None else {"tsp_layer": tsp_layer}),
         "recency": {"retain_rate": rate, "tsp_rate": 1.0, "selection": "recency"},
         "retention_4bit": {"retain_rate": rate, "tsp_rate": 1.0, "kv_bits": 4},
         "retention_2bit": {"retain_rate": rate, "tsp_rate": 1.0, "kv_bits": 2},
@@ -237,7 +244,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
     for method in args.methods:
         rates = args.rates if method in RATED else [None]
         for rate in rates:
-            settings = method_settings(method, rate, args.tsp_rate, scoring)
+            settings = method_settings(method, rate, args.tsp_rate, scoring, args.tsp_layer)
             tokens = run_engine(model_dir, settings, prompts, args)
             replies = [tokenizer.decode(ids, skip_special_tokens=True) for ids in tokens]
             base = {**common, "method": method, "settings": settings}
@@ -267,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
                    choices=METHODS + LOW_BIT_METHODS)  # fmt: skip
     p.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.1, 0.2])
     p.add_argument("--tsp-rate", type=float, default=0.2)
+    p.add_argument("--tsp-layer", type=int, default=None,
+                   help="the fastkv method's TSP layer (default: the config's)")
     p.add_argument("--window", type=int, default=None,
                    help="observation window of the scored methods (default: the config's)")
     p.add_argument("--pooling", choices=("avg", "max"), default=None)

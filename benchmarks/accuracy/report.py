@@ -16,7 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.accuracy.harness import REPO, SCORING_FIELDS
+from benchmarks.accuracy.harness import LABEL_FIELDS, REPO
 
 
 def label(row: dict) -> str:
@@ -24,9 +24,9 @@ def label(row: dict) -> str:
     settings = row["settings"] or {}
     if row["method"] in ("stock", "disabled"):
         return row["method"]
-    # Rows scored with non-default settings (harness --window/--pooling/--pool-kernel)
+    # Rows with non-default settings (harness --window/--pooling/--pool-kernel/--tsp-layer)
     # are their own method, not averaged into the default's.
-    extra = "".join(f" {f} {settings[f]}" for f in SCORING_FIELDS if f in settings)
+    extra = "".join(f" {f} {settings[f]}" for f in LABEL_FIELDS if f in settings)
     return f"{row['method']} retain {settings.get('retain_rate')}{extra}"
 
 

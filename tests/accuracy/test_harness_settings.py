@@ -30,6 +30,20 @@ def test_scoring_flags_reach_scored_methods_only():
     assert report.label(row) == "retention retain 0.1"
 
 
+def test_tsp_layer_reaches_the_fastkv_method_only():
+    """--tsp-layer sets the one method that propagates; its rows are their own label."""
+    args = harness.parser().parse_args(["--tsp-layer", "13", "--window", "16"])
+    scoring = harness.scoring_overrides(args)
+    fastkv = harness.method_settings("fastkv", 0.1, 0.2, scoring, args.tsp_layer)
+    assert fastkv == {"retain_rate": 0.1, "tsp_rate": 0.2, "tsp_layer": 13, "window": 16}
+    for method in ("retention", "recency", "mixed_4bit", "disabled"):
+        assert "tsp_layer" not in harness.method_settings(method, 0.1, 0.2, scoring, 13)
+    assert harness.method_settings("stock", 0.1, 0.2, scoring, 13) is None
+    assert "tsp_layer" not in harness.method_settings("fastkv", 0.1, 0.2, scoring)
+    row = {"method": "fastkv", "settings": fastkv}
+    assert report.label(row) == "fastkv retain 0.1 window 16 tsp_layer 13"
+
+
 def test_merge_rows_replaces_the_same_measurement_and_keeps_one_row_a_line(tmp_path):
     """A rerun replaces the rows of the same model, device, method, settings and cell,
     keeps every other row, and the file stays one JSON row per line."""
