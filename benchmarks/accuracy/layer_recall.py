@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from benchmarks.accuracy import harness
+from vllm_fastkv.config import FastKVConfig
 from vllm_fastkv.reference import fastkv_prefill
 from vllm_fastkv.reference.fastkv import PrefillResult
 from vllm_fastkv.reference.scoring import select_propagated, token_budget
@@ -91,7 +92,7 @@ def main() -> None:
     p.add_argument("--retain-rate", type=float, default=0.1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    window = args.window or 8
+    window = args.window or FastKVConfig.model_fields["window"].default
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
