@@ -295,6 +295,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def reference_parser(doc: str) -> argparse.ArgumentParser:
+    """Command line of a torch-reference script: the harness's grid flags (tasks, lengths,
+    depths, seeds, window, ...), ``--model-dir`` (an HF model directory) and ``--out``
+    (the script's record; none by default), described by ``doc``'s first line."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], parents=[parser()],
+                                add_help=False, conflict_handler="resolve")  # fmt: skip
+    p.add_argument("--model-dir", required=True, help="an HF model directory")
+    p.add_argument("--out", default=None)
+    return p
+
+
+def load_reference_model(model_dir: str | Path) -> tuple[Any, Any]:
+    """Tokenizer and float32 eval-mode model for the torch reference (exact on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2])

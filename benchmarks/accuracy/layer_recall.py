@@ -29,7 +29,6 @@ Grid flags (``--tasks``, ``--lengths``, ``--depths``, ``--seeds``, ``--data-dir`
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -65,18 +64,20 @@ def answer_positions(ids: Sequence[int], answer: str | list[str], tokenizer: Any
     return sorted(found)
 
 
-def layer_recalls(prefill: PrefillResult, positions: Sequence[int], *, tsp_rate: float,
-                  window: int) -> list[dict[str, float]]:  # fmt: skip
+def layer_recalls(prefill: PrefillResult, positions: Sequence[int], *,
+                  tsp_rate: float) -> list[dict[str, float]]:  # fmt: skip
     """Per layer: the share of ``positions`` in TSP's top-P set and in each head's top-B
-    (mean over KV heads), from a retention-only prefill's scores and kept indices."""
+    (mean over KV heads), from a retention-only prefill's scores and kept indices (the
+    window is what the scores leave out)."""
     target = torch.tensor(positions)
     length = prefill.prompt_len
-    propagate = token_budget(length, mode="proportional", rate=tsp_rate, capacity=length,
-                             window=window)  # fmt: skip
     recalls = []
     for layer in prefill.layers:
         if layer.scores is None or layer.positions.numel() != length:
             raise ValueError("layer_recalls needs a retention-only fastkv prefill")
+        window = length - layer.scores.shape[-1]
+        propagate = token_budget(length, mode="proportional", rate=tsp_rate,
+                                 capacity=length, window=window)  # fmt: skip
         chosen = layer.positions[select_propagated(layer.scores, propagate, length)]
         per_head = [torch.isin(target, head).float().mean().item() for head in layer.indices]
         recalls.append({"tsp": torch.isin(target, chosen).float().mean().item(),
@@ -85,19 +86,12 @@ def layer_recalls(prefill: PrefillResult, positions: Sequence[int], *, tsp_rate:
 
 
 def main() -> None:
-    grid = harness.parser()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[grid],
-                                add_help=False, conflict_handler="resolve")  # fmt: skip
-    p.add_argument("--model-dir", required=True, help="an HF model directory")
+    p = harness.reference_parser(__doc__)
     p.add_argument("--retain-rate", type=float, default=0.1)
-    p.add_argument("--out", default=None)
     args = p.parse_args()
     window = args.window or FastKVConfig.model_fields["window"].default
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    tokenizer, model = harness.load_reference_model(args.model_dir)
     prompts, start = [], time.time()
     for sample in harness.build_prompts(tokenizer, args):
         if sample["task"] == "variable_tracking":
@@ -109,7 +103,7 @@ def main() -> None:
             continue
         prefill = fastkv_prefill(model, sample["ids"], policy="fastkv", tsp_rate=1.0,
                                  retain_rate=args.retain_rate, window=window)  # fmt: skip
-        recalls = layer_recalls(prefill, positions, tsp_rate=args.tsp_rate, window=window)
+        recalls = layer_recalls(prefill, positions, tsp_rate=args.tsp_rate)
         prompts.append(key | {"answer_tokens": len(positions), "recalls": recalls})
         print(*key.values(), " ".join(f"{r['tsp']:.2f}" for r in recalls),
               f"{time.time() - start:.0f} s", flush=True)  # fmt: skip

@@ -29,8 +29,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from benchmarks.accuracy import harness
 from vllm_fastkv.reference import (
     PrefillResult,
@@ -58,21 +56,14 @@ def caches(full: PrefillResult, retained: PrefillResult, args: argparse.Namespac
 
 
 def main() -> None:
-    grid = harness.parser()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[grid],
-                                add_help=False, conflict_handler="resolve")  # fmt: skip
-    p.add_argument("--model-dir", required=True, help="an HF model directory")
+    p = harness.reference_parser(__doc__)
     p.add_argument("--bits", type=int, choices=(2, 4), default=2)
     p.add_argument("--rate", type=float, default=0.1, help="retention's retain rate")
     p.add_argument("--value-group", type=int, default=32)
     p.add_argument("--block-size", type=int, default=16, help="keys' quantisation group")
-    p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    tokenizer, model = harness.load_reference_model(args.model_dir)
     samples = harness.build_prompts(tokenizer, args)
     scores: dict[str, dict[tuple, list[float]]] = {c: defaultdict(list) for c in CONFIGS}
     start = time.time()

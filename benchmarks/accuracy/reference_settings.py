@@ -18,12 +18,9 @@ mean per configuration; ``--out`` gets every prompt's scores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
-
-import torch
 
 from benchmarks.accuracy import harness
 from vllm_fastkv.reference import fastkv_prefill, greedy_decode, tasks
@@ -32,19 +29,12 @@ DEFAULTS = {"policy": "fastkv", "tsp_rate": 1.0, "retain_rate": 0.1}
 
 
 def main() -> None:
-    grid = harness.parser()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[grid],
-                                add_help=False, conflict_handler="resolve")  # fmt: skip
-    p.add_argument("--model-dir", required=True, help="an HF model directory")
+    p = harness.reference_parser(__doc__)
     p.add_argument("--configs", required=True, type=json.loads,
                    help="JSON object: name -> fastkv_prefill keyword arguments")
-    p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    tokenizer, model = harness.load_reference_model(args.model_dir)
     prompts = []
     start = time.time()
     for sample in harness.build_prompts(tokenizer, args):

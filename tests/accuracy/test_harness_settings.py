@@ -63,3 +63,12 @@ def test_merge_rows_replaces_the_same_measurement_and_keeps_one_row_a_line(tmp_p
     assert lines[0] == "[" and lines[-1] == "]" and len(lines) == len(merged) + 2
     assert [json.loads(line.rstrip(",")) for line in lines[1:-1]] == merged
     assert json.loads(path.read_text()) == merged
+
+
+def test_reference_parser_is_the_grid_plus_model_dir_and_a_record():
+    """The torch-reference scripts share the harness's grid flags; their --out is opt-in."""
+    p = harness.reference_parser("A script.\n\nMore text.")
+    assert p.description == "A script."
+    args = p.parse_args(["--model-dir", "d", "--lengths", "2048", "--window", "16"])
+    assert (args.model_dir, args.out, args.lengths, args.window) == ("d", None, [2048], 16)
+    assert args.tasks == list(harness.TASKS) and args.tsp_rate == 0.2

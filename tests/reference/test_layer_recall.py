@@ -50,13 +50,13 @@ def test_recall_of_tsp_indices_is_one_at_their_layer(qwen2_model, tsp_layer):
     retention = fastkv_prefill(qwen2_model, ids, tsp_rate=1.0, retain_rate=RETAIN_RATE,
                                window=WINDOW)  # fmt: skip
     propagated = tsp.tsp_indices.tolist()
-    recalls = layer_recalls(retention, propagated, tsp_rate=TSP_RATE, window=WINDOW)
+    recalls = layer_recalls(retention, propagated, tsp_rate=TSP_RATE)
     assert len(recalls) == len(retention.layers)
     assert recalls[tsp_layer]["tsp"] == 1.0
     # Each head keeps int(0.2 * 96) = 19 of the 24 propagated positions at most.
     assert 0.0 < recalls[tsp_layer]["retain"] <= 19 / len(propagated)
     window = list(range(len(ids) - WINDOW, len(ids)))
-    for recall in layer_recalls(retention, window, tsp_rate=TSP_RATE, window=WINDOW):
+    for recall in layer_recalls(retention, window, tsp_rate=TSP_RATE):
         assert recall == {"tsp": 1.0, "retain": 1.0}
 
 
@@ -65,4 +65,4 @@ def test_layer_recalls_refuses_a_prefill_with_tsp(qwen2_model):
     tsp = fastkv_prefill(qwen2_model, ids, tsp_layer=1, tsp_rate=TSP_RATE,
                          retain_rate=RETAIN_RATE, window=WINDOW)  # fmt: skip
     with pytest.raises(ValueError, match="retention-only"):
-        layer_recalls(tsp, [0], tsp_rate=TSP_RATE, window=WINDOW)
+        layer_recalls(tsp, [0], tsp_rate=TSP_RATE)
