@@ -30,9 +30,10 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 * with ``--sweep``: device time of the fused kernel (avg pooling) for a grid of
   :class:`~vllm_fastkv.kernels.scoring.FusedTuning` launch shapes, best first, each
   checked against the default shape's scores;
-* with ``--tune [mass compact]`` (both when none is named): times of the
+* with ``--tune [mass pool compact]`` (all when none is named): times of the
   ``attention_lse`` path (avg pooling) over a grid of the mass kernel's launch constants
-  (``scoring._MASS_*``), and of both compactions over ``compaction._BLOCK_R`` x
+  (``scoring._MASS_*``), over mass programs per SM x the pooling kernel's tokens a
+  program (``_BLOCK_POOL``), and of both compactions over ``compaction._BLOCK_R`` x
   ``_NUM_WARPS`` (restored afterwards), fastest span first.
 
 Three times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
@@ -91,8 +92,16 @@ MASS_TUNING = dict(
     _MASS_NUM_STAGES=(2, 3, 4),
     _MASS_NUM_WARPS=(4, 8),
 )
+# The same path's pooling launch, a programmatic dependent launch on Hopper: its programs
+# can wait on an SM only where the mass programs leave room, and fewer, wider pooling
+# programs need fewer slots; so mass programs per SM up to the old default x the tokens a
+# pooling program takes.
+POOL_TUNING = dict(
+    _MASS_PROGRAMS_PER_SM=(5, 6, 7, 8),
+    _BLOCK_POOL=(256, 1024, 4096),
+)
 COMPACT_TUNING = dict(_BLOCK_R=(16, 32, 64, 128, 256), _NUM_WARPS=(2, 4, 8))
-TUNING_GRIDS = ("mass", "compact")
+TUNING_GRIDS = ("mass", "pool", "compact")
 # --sweep grid of fused launch shapes.
 SWEEP = dict(
     programs_per_sm=(1, 2, 4),
@@ -433,13 +442,14 @@ def run_length(
         keys = key_cache[block_table[0, tokens // args.block_size], tokens % args.block_size]
         expected = 32 * keys.double().sum(dim=(0, 2))
         checks["key_reads_rel_error"] = float((sums - expected).norm() / expected.norm())
-    if "mass" in args.tune:
-        tune_constants(
-            tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module, MASS_TUNING,
-            lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
-                                  **score_kwargs),
-            key_floor_ms,
-        )  # fmt: skip
+    for grid_name, grid in (("mass", MASS_TUNING), ("pool", POOL_TUNING)):
+        if grid_name in args.tune:
+            tune_constants(
+                tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module, grid,
+                lambda: window_scores(query, key_cache, block_table, seq_lens, lse=lse,
+                                      **score_kwargs),
+                key_floor_ms,
+            )  # fmt: skip
     scores = window_scores(query, key_cache, block_table, seq_lens, **score_kwargs)
     if args.sweep:
         sweep_fused(query, key_cache, block_table, seq_lens, score_kwargs, scores, sweep)
@@ -543,8 +553,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--tune", nargs="*", choices=TUNING_GRIDS, default=None,
-        help="also time launch-constant grids: the mass kernel's (attention_lse path),"
-        " compaction's (both when none is named)",
+        help="also time launch-constant grids: the mass kernel's (attention_lse path), its"
+        " pooling launch's, compaction's (all when none is named)",
     )  # fmt: skip
     args = parser.parse_args()
     if args.tune == []:

@@ -289,6 +289,21 @@ def test_mass_kernel_walks_many_tiles_per_split(
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("block_pool", [16, 4096])
+def test_pooling_kernel_program_width(block_pool, pooling, paged_kv, device, poison_empty,
+                                      monkeypatch):  # fmt: skip
+    """The pooling launch's tokens a program (a launch constant the benchmark tunes): 16
+    puts program edges inside every pooling window's reach, 4096 gives each (sequence, KV
+    head) one program wider than its row."""
+    monkeypatch.setattr(scoring, "_BLOCK_POOL", block_pool)
+    args = ragged_batch(paged_kv, device, seed=23)
+    kwargs = dict(scale=0.125, window=8, pooling=pooling)
+    ref = window_scores_ref(*args, **kwargs)
+    lse = window_lse_ref(*args, scale=0.125, window=8)
+    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
 def test_fused_many_items_and_merge_groups(pooling, paged_kv, device, poison_empty, monkeypatch):
     """Fused kernel with many items per unit (one tile each), merge groups of two items
     (so the log-sum-exp tree has both levels, with a ragged last group), the batch scanned
