@@ -82,6 +82,17 @@ def ragged_batch(paged_kv, device, seed):
     return query, paged.key_cache, paged.block_table, paged.seq_lens
 
 
+def assert_ragged_batch_scores(paged_kv, device, seed, pooling):
+    """Two-pass scores of :func:`ragged_batch` match the reference, with the log-sum-exps
+    given (the engine's path) and computed."""
+    args = ragged_batch(paged_kv, device, seed=seed)
+    kwargs = dict(scale=0.125, window=8, pooling=pooling)
+    ref = window_scores_ref(*args, **kwargs)
+    lse = window_lse_ref(*args, scale=0.125, window=8)
+    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
+
+
 def assert_scores_match(out, ref, rel_tol):
     """Same -inf padding mask, no NaN, and ``||out - ref|| / ||ref|| <= rel_tol`` elsewhere."""
     out, ref = out.cpu(), ref.cpu()
@@ -280,12 +291,7 @@ def test_mass_kernel_walks_many_tiles_per_split(
     monkeypatch.setattr(scoring, "_MASS_BLOCK_N", 16)
     monkeypatch.setattr(scoring, "_PROGRAMS_WITHOUT_GPU", programs)
     monkeypatch.setattr(scoring, "_MASS_MAX_TILES_PER_SPLIT", max_tiles)
-    args = ragged_batch(paged_kv, device, seed=17)
-    kwargs = dict(scale=0.125, window=8, pooling=pooling)
-    ref = window_scores_ref(*args, **kwargs)
-    lse = window_lse_ref(*args, scale=0.125, window=8)
-    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
-    assert_scores_match(window_scores(*args, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_ragged_batch_scores(paged_kv, device, 17, pooling)
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
@@ -296,11 +302,7 @@ def test_pooling_kernel_program_width(block_pool, pooling, paged_kv, device, poi
     puts program edges inside every pooling window's reach, 4096 gives each (sequence, KV
     head) one program wider than its row."""
     monkeypatch.setattr(scoring, "_BLOCK_POOL", block_pool)
-    args = ragged_batch(paged_kv, device, seed=23)
-    kwargs = dict(scale=0.125, window=8, pooling=pooling)
-    ref = window_scores_ref(*args, **kwargs)
-    lse = window_lse_ref(*args, scale=0.125, window=8)
-    assert_scores_match(window_scores(*args, lse=lse, **kwargs), ref, TOLERANCE[torch.float32])
+    assert_ragged_batch_scores(paged_kv, device, 23, pooling)
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
