@@ -94,7 +94,7 @@ MASS_TUNING = dict(
 )
 # The same path's pooling launch, a programmatic dependent launch on Hopper: its programs
 # can wait on an SM only where the mass programs leave room, and fewer, wider pooling
-# programs need fewer slots; so mass programs per SM up to the old default x the tokens a
+# programs need fewer slots; so mass programs per SM up to the default (8) x the tokens a
 # pooling program takes.
 POOL_TUNING = dict(
     _MASS_PROGRAMS_PER_SM=(5, 6, 7, 8),

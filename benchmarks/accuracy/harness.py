@@ -217,6 +217,13 @@ def _device() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def provenance(args: argparse.Namespace, model_dir: Path) -> dict[str, str]:
+    """What every record names: date, device, commit and model (``--model-name``, else the
+    model directory's name)."""
+    return {"date": datetime.date.today().isoformat(), "device": _device(),
+            "commit": _commit(), "model": args.model_name or model_dir.name}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]]]:
     """Rows written to ``args.out``, and each engine's generated tokens by method label."""
     model_dir = Path(args.model_dir)
@@ -237,8 +244,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[list[int]]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = build_prompts(tokenizer, args)
     prompts = [s["ids"] for s in samples]
-    common = {"date": datetime.date.today().isoformat(), "device": _device(),
-              "commit": _commit(), "model": args.model_name or model_dir.name}
+    common = provenance(args, model_dir)
     scoring = scoring_overrides(args)
     rows, generated = [], {}
     for method in args.methods:
@@ -304,6 +310,14 @@ def reference_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, help="an HF model directory")
     p.add_argument("--out", default=None)
     return p
+
+
+def write_reference_record(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """A torch-reference script's ``--out`` (nothing without it): its provenance, then
+    ``record``."""
+    if args.out:
+        body = provenance(args, Path(args.model_dir)) | record
+        Path(args.out).write_text(json.dumps(body, indent=1) + "\n")
 
 
 def load_reference_model(model_dir: str | Path) -> tuple[Any, Any]:

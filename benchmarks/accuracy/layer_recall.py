@@ -29,10 +29,8 @@ Grid flags (``--tasks``, ``--lengths``, ``--depths``, ``--seeds``, ``--data-dir`
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,11 +115,9 @@ def main() -> None:
         retain = sum(p["recalls"][index]["retain"] for p in prompts) / len(prompts)
         means.append({"layer": index, "tsp": tsp, "retain": retain})
         print(f"{index:5d}  {tsp:8.3f}  {retain:9.3f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(
-            {"model": Path(args.model_dir).name, "window": window, "tsp_rate": args.tsp_rate,
-             "retain_rate": args.retain_rate, "means": means, "prompts": prompts},
-            indent=1) + "\n")  # fmt: skip
+    harness.write_reference_record(args, {"window": window, "tsp_rate": args.tsp_rate,
+                                          "retain_rate": args.retain_rate, "means": means,
+                                          "prompts": prompts})  # fmt: skip
 
 
 if __name__ == "__main__":

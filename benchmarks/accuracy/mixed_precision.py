@@ -27,7 +27,6 @@ import dataclasses
 import json
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from benchmarks.accuracy import harness
 from vllm_fastkv.reference import (
@@ -82,15 +81,12 @@ def main() -> None:
     means = {c: sum(sum(v) / len(v) for v in rows.values()) / len(rows)
              for c, rows in scores.items()}  # fmt: skip
     print(json.dumps(means))
-    if args.out:
-        rows = [
-            {"config": c, "task": t, "context_len": n, "depth": d, "score": sum(v) / len(v)}
-            for c, by_key in scores.items() for (t, n, d), v in sorted(by_key.items())
-        ]  # fmt: skip
-        settings = {k: getattr(args, k) for k in ("bits", "rate", "value_group", "block_size")}
-        Path(args.out).write_text(json.dumps(
-            {"model": Path(args.model_dir).name, "settings": settings, "means": means,
-             "rows": rows}, indent=1) + "\n")  # fmt: skip
+    rows = [
+        {"config": c, "task": t, "context_len": n, "depth": d, "score": sum(v) / len(v)}
+        for c, by_key in scores.items() for (t, n, d), v in sorted(by_key.items())
+    ]  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("bits", "rate", "value_group", "block_size")}
+    harness.write_reference_record(args, {"settings": settings, "means": means, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from benchmarks.accuracy import harness
 from vllm_fastkv.reference import fastkv_prefill, greedy_decode, tasks
@@ -50,10 +49,8 @@ def main() -> None:
     means = {name: sum(p["scores"][name] for p in prompts) / len(prompts)
              for name in args.configs}  # fmt: skip
     print(json.dumps(means))
-    if args.out:
-        Path(args.out).write_text(json.dumps(
-            {"model": Path(args.model_dir).name, "configs": args.configs, "means": means,
-             "prompts": prompts}, indent=1) + "\n")  # fmt: skip
+    harness.write_reference_record(args, {"configs": args.configs, "means": means,
+                                          "prompts": prompts})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -72,3 +72,24 @@ def test_reference_parser_is_the_grid_plus_model_dir_and_a_record():
     args = p.parse_args(["--model-dir", "d", "--lengths", "2048", "--window", "16"])
     assert (args.model_dir, args.out, args.lengths, args.window) == ("d", None, [2048], 16)
     assert args.tasks == list(harness.TASKS) and args.tsp_rate == 0.2
+
+
+def test_reference_record_names_its_provenance(tmp_path, monkeypatch):
+    """A reference script's --out names date, device, commit and the --model-name (else the
+    directory's name) before its own fields; without --out nothing is written."""
+    monkeypatch.setenv("GIT_COMMIT", "abc1234")
+    out = tmp_path / "record.json"
+    p = harness.reference_parser("A script.")
+    args = p.parse_args(["--model-dir", str(tmp_path / "q05"), "--out", str(out),
+                         "--model-name", "Qwen2.5-Coder-0.5B-Instruct"])  # fmt: skip
+    harness.write_reference_record(args, {"means": {"a": 0.5}})
+    record = json.loads(out.read_text())
+    assert list(record) == ["date", "device", "commit", "model", "means"]
+    assert record["commit"] == "abc1234" and record["model"] == "Qwen2.5-Coder-0.5B-Instruct"
+    assert record["means"] == {"a": 0.5}
+    args = p.parse_args(["--model-dir", str(tmp_path / "q05"), "--out", str(out)])
+    harness.write_reference_record(args, {})
+    assert json.loads(out.read_text())["model"] == "q05"
+    out.unlink()
+    harness.write_reference_record(p.parse_args(["--model-dir", "d"]), {"means": {}})
+    assert not out.exists()
