@@ -30,10 +30,10 @@ prompt length ``T`` (one sequence, bf16 paged cache, shuffled blocks):
 * with ``--sweep``: device time of the fused kernel (avg pooling) for a grid of
   :class:`~vllm_fastkv.kernels.scoring.FusedTuning` launch shapes, best first, each
   checked against the default shape's scores;
-* with ``--tune [mass pool compact]`` (all when none is named): times of the
+* with ``--tune [mass programs compact]`` (all when none is named): times of the
   ``attention_lse`` path (avg pooling) over a grid of the mass kernel's launch constants
-  (``scoring._MASS_*``), over mass programs per SM x the pooling kernel's tokens a
-  program (``_BLOCK_POOL``), and of both compactions over ``compaction._BLOCK_R`` x
+  (``scoring._MASS_*``), over its programs per SM beyond that grid's, and of both
+  compactions over ``compaction._BLOCK_R`` x
   ``_NUM_WARPS`` (restored afterwards), fastest span first.
 
 Three times per op: ``call`` is the median of ``triton.testing.do_bench`` (L2 flushed between
@@ -92,16 +92,13 @@ MASS_TUNING = dict(
     _MASS_NUM_STAGES=(2, 3, 4),
     _MASS_NUM_WARPS=(4, 8),
 )
-# The same path's pooling launch, a programmatic dependent launch on Hopper: its programs
-# can wait on an SM only where the mass programs leave room, and fewer, wider pooling
-# programs need fewer slots; so mass programs per SM up to the default (8) x the tokens a
-# pooling program takes.
-POOL_TUNING = dict(
-    _MASS_PROGRAMS_PER_SM=(5, 6, 7, 8),
-    _BLOCK_POOL=(256, 1024, 4096),
-)
+# The mass kernel's programs per SM past --tune mass's 8. At 32K tokens a program walks
+# about 4 key tiles at 8 an SM (1 at 32); with the pooling launch's width at 256 and 1024
+# tokens a program, 5-8 programs an SM timed 28.9 / 28.0 / 26.4 / 24.7 us at 32K
+# (docs/BENCHMARKS.md), so the grid goes on upwards.
+PROGRAMS_TUNING = dict(_MASS_PROGRAMS_PER_SM=(8, 10, 12, 16, 24, 32))
 COMPACT_TUNING = dict(_BLOCK_R=(16, 32, 64, 128, 256), _NUM_WARPS=(2, 4, 8))
-TUNING_GRIDS = ("mass", "pool", "compact")
+TUNING_GRIDS = ("mass", "programs", "compact")
 # --sweep grid of fused launch shapes.
 SWEEP = dict(
     programs_per_sm=(1, 2, 4),
@@ -442,7 +439,7 @@ def run_length(
         keys = key_cache[block_table[0, tokens // args.block_size], tokens % args.block_size]
         expected = 32 * keys.double().sum(dim=(0, 2))
         checks["key_reads_rel_error"] = float((sums - expected).norm() / expected.norm())
-    for grid_name, grid in (("mass", MASS_TUNING), ("pool", POOL_TUNING)):
+    for grid_name, grid in (("mass", MASS_TUNING), ("programs", PROGRAMS_TUNING)):
         if grid_name in args.tune:
             tune_constants(
                 tuning, "window_scores[avg,attention_lse]", seq_len, scoring_module, grid,
