@@ -92,10 +92,9 @@ MASS_TUNING = dict(
     _MASS_NUM_STAGES=(2, 3, 4),
     _MASS_NUM_WARPS=(4, 8),
 )
-# The mass kernel's programs per SM past --tune mass's 8. At 32K tokens a program walks
-# about 4 key tiles at 8 an SM (1 at 32); with the pooling launch's width at 256 and 1024
-# tokens a program, 5-8 programs an SM timed 28.9 / 28.0 / 26.4 / 24.7 us at 32K
-# (docs/BENCHMARKS.md), so the grid goes on upwards.
+# The mass kernel's programs per SM past --tune mass's 8 (at 32K tokens a program walks
+# about 4 key tiles at 8 an SM, 1 at 32). On an H200 none beat 8 (docs/BENCHMARKS.md,
+# "the pooling launch's width and the mass kernel's programs per SM").
 PROGRAMS_TUNING = dict(_MASS_PROGRAMS_PER_SM=(8, 10, 12, 16, 24, 32))
 COMPACT_TUNING = dict(_BLOCK_R=(16, 32, 64, 128, 256), _NUM_WARPS=(2, 4, 8))
 TUNING_GRIDS = ("mass", "programs", "compact")
